@@ -1,0 +1,30 @@
+"""interp: mechanistic interpretability on TransformerLens hooks.
+
+Subnetworks as differentiable weight masks, trained for an objective, then read, edited,
+ablated and compared. See docs/ and DESIGN.md for the architecture.
+"""
+
+from interp.data.text import (
+    Corpus,
+    TokenizedCorpus,
+    builtin_corpus,
+    iterate_batches,
+    load_hf_text,
+    load_text_files,
+    load_tokenizer,
+    tokenize_corpus,
+    train_tokenizer,
+)
+from interp.errors import CheckpointError, DataError, InterpError, MaskError, ModelLoadError
+from interp.models.checkpoints import CheckpointStore
+from interp.models.lm import (
+    PRESETS,
+    LMConfig,
+    TrainConfig,
+    build_lm,
+    evaluate_loss,
+    load_hf_lm,
+    train_lm,
+)
+
+__version__ = "0.1.0"
