@@ -1,0 +1,803 @@
+"""A set of weight masks over a model: attach, modes, counts, algebra, edits, files.
+
+A :class:`MaskSet` holds one tensor of mask logits per :class:`~interp.masks.targets.Target`
+and a mask kind that turns logits into masks. Attached to a model, it puts a
+``torch.nn.utils.parametrize`` parametrization on each real weight, so every forward pass
+(bridge hooks, ``run_with_cache``, the wrapped HF module) sees ``W * mask``; detaching
+restores the very same parameter objects. Modes:
+
+- ``soft``: ``W * kind.soft(logits)`` (differentiable; training),
+- ``hard`` / ``keep``: ``W * hard`` (the subnetwork alone),
+- ``ablate``: ``W * ~hard`` (the model without the subnetwork),
+- ``off``: ``W`` (the full model).
+
+Exactly-zero weights are never part of a subnetwork (the ``allowed`` buffers). Results of
+algebra, edits and imports hold "hard" logits (+-``HARD_LOGIT``), which every kind maps to
+the intended binary mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import io
+import logging
+import pickle
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from interp.errors import MaskError, suggest
+from interp.io import atomic_write_bytes, read_json, save_tensors, write_json
+from interp.masks.kinds import ContinuousSparsification, MaskKind, kind_from_config
+from interp.masks.targets import Selection, Target, _check_shape, find_targets, head_dims
+
+__all__ = ["HARD_LOGIT", "MODES", "MaskSet", "load_paper_masks"]
+
+log = logging.getLogger(__name__)
+
+#: Logit magnitude of a decided mask entry (keep: +HARD_LOGIT, drop: -HARD_LOGIT).
+HARD_LOGIT = 1e4
+MODES = ("soft", "hard", "keep", "ablate", "off")
+_FORMAT = "interp.maskset"
+_ALLOWED = "allowed/"  # key prefix of the allowed masks in saved files
+
+
+def _key(name: str) -> str:
+    """ParameterDict key for a target name (keys cannot contain dots)."""
+    return name.replace(".", "__")
+
+
+class _Mask(nn.Module):
+    """The parametrization on one weight: asks its mask set for ``W * mask``.
+
+    The mask set is held outside the module tree so the model never registers the mask
+    logits as its own parameters.
+    """
+
+    def __init__(self, owner: MaskSet, name: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)
+        self.target_name = name
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return self._owner._masked(self.target_name, weight)
+
+
+class _Buffers(nn.Module):
+    """Holds the ``allowed`` buffers so ``MaskSet.to(device)`` moves them."""
+
+
+class MaskSet(nn.Module):
+    """Mask logits for a list of targets, plus the kind that maps them to masks.
+
+    Build with :meth:`for_model`, :meth:`empty`, :meth:`full`, :meth:`load` or
+    :meth:`import_paper`. ``parameters()`` are the logits only.
+
+    Attributes:
+        targets: the masked weights, in model order.
+        kind: the :class:`~interp.masks.kinds.MaskKind` shared by all targets.
+        mode: how an attached set acts (see module docs).
+        identity: :func:`interp.models.lm.model_identity` of the model (empty if unknown).
+        metadata: free-form provenance saved with the mask set; ``objective`` and ``lam``
+            read and write its ``"objective"`` and ``"lambda"`` entries.
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        kind: MaskKind | None = None,
+        logits: Mapping[str, Tensor] | None = None,
+        allowed: Mapping[str, Tensor] | None = None,
+        *,
+        heads: tuple[int, int, int] | None = None,
+        identity: dict | None = None,
+        metadata: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.targets = list(targets)
+        self.kind = kind if kind is not None else ContinuousSparsification()
+        keys = [_key(t.name) for t in self.targets]
+        if len(set(keys)) != len(keys):
+            raise MaskError("Target names collide once dots become '__'; rename the targets.")
+        self._logits = nn.ParameterDict()
+        self._allowed = _Buffers()
+        for t, k in zip(self.targets, keys):
+            lg = logits[t.name] if logits is not None else self.kind.init_logits(t.shape)
+            al = allowed[t.name] if allowed is not None else t.nonzero()
+            _check_shape(t.name, tuple(lg.shape), t.shape)
+            self._logits[k] = nn.Parameter(lg.detach().to(torch.float32).clone())
+            self._allowed.register_buffer(k, al.detach().to(torch.bool).clone())
+        self._by_name = {t.name: t for t in self.targets}
+        self.heads = heads
+        self.identity = dict(identity or {})
+        self.metadata = dict(metadata or {})
+        self._mode = "soft"
+        self._bound: list[Target] | None = None
+        self._frozen: list[tuple[Tensor, bool]] = []
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        kind: MaskKind | None = None,
+        targets: Selection | None = None,
+        seed: int = 0,
+    ) -> MaskSet:
+        """A fresh mask set over ``model``'s targets (default: all attention and MLP weights).
+
+        ``seed`` seeds the kind's initial logits (hard concrete adds noise).
+        """
+        kind = kind if kind is not None else ContinuousSparsification()
+        ts = find_targets(model, targets)
+        gen = torch.Generator().manual_seed(seed)
+        logits = {t.name: kind.init_logits(t.shape, generator=gen).to(t.original.device)
+                  for t in ts}
+        return cls(ts, kind, logits, heads=head_dims(model), identity=_identity(model))
+
+    @classmethod
+    def full(cls, model: nn.Module, kind: MaskKind | None = None,
+             targets: Selection | None = None) -> MaskSet:
+        """Every (nonzero) weight kept."""
+        return cls.for_model(model, kind, targets)._filled(True)
+
+    @classmethod
+    def empty(cls, model: nn.Module, kind: MaskKind | None = None,
+              targets: Selection | None = None) -> MaskSet:
+        """No weight kept (embeddings, biases and norms are never masked, so they remain)."""
+        return cls.for_model(model, kind, targets)._filled(False)
+
+    def _filled(self, keep: bool) -> MaskSet:
+        for name in self.names:
+            self.set_target(name, keep)
+        return self
+
+    def _from_hard(self, masks: Mapping[str, Tensor]) -> MaskSet:
+        """A new mask set over the same targets whose logits encode ``masks``."""
+        return MaskSet(
+            self.targets, kind_from_config(self.kind.config()),
+            {n: _hard_logits(m) for n, m in masks.items()}, self.allowed, heads=self.heads,
+            identity=self.identity, metadata=self.metadata,
+        )
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def objective(self) -> str | None:
+        """Name of the objective the masks were trained for (``metadata["objective"]``)."""
+        return self.metadata.get("objective")
+
+    @objective.setter
+    def objective(self, value: str | None) -> None:
+        self.metadata["objective"] = value
+
+    @property
+    def lam(self) -> float | None:
+        """Sparsity weight the masks were trained with (``metadata["lambda"]``)."""
+        return self.metadata.get("lambda")
+
+    @lam.setter
+    def lam(self, value: float | None) -> None:
+        self.metadata["lambda"] = value
+
+    @property
+    def names(self) -> list[str]:
+        """Target names in model order."""
+        return [t.name for t in self.targets]
+
+    @property
+    def logits(self) -> dict[str, nn.Parameter]:
+        """Target name -> mask logits (the trainable tensors)."""
+        return {t.name: self._logits[_key(t.name)] for t in self.targets}
+
+    @property
+    def allowed(self) -> dict[str, Bool[Tensor, "*shape"]]:
+        """Target name -> True where the weight may be kept (False at exact zeros)."""
+        return {t.name: getattr(self._allowed, _key(t.name)) for t in self.targets}
+
+    def eligible_masks(self) -> dict[str, Bool[Tensor, "*shape"]]:
+        """Copies of :attr:`allowed`: the weights a subnetwork can contain at all."""
+        return {n: a.clone() for n, a in self.allowed.items()}
+
+    def target(self, name: str) -> Target:
+        """The target called ``name`` (MaskError with suggestions if there is none)."""
+        if name not in self._by_name:
+            raise MaskError(f"No mask target {name!r}.{suggest(name, self.names)}")
+        return self._by_name[name]
+
+    @property
+    def n_weights(self) -> int:
+        """Number of maskable weights (exact zeros excluded)."""
+        return sum(int(a.sum()) for a in self.allowed.values())
+
+    @torch.no_grad()
+    def hard_masks(self) -> dict[str, Bool[Tensor, "*shape"]]:
+        """Target name -> binary mask (True = keep); exact zeros are False."""
+        al = self.allowed
+        return {n: self.kind.hard(lg.detach()) & al[n] for n, lg in self.logits.items()}
+
+    def penalty(self) -> Float[Tensor, ""]:
+        """Differentiable sum of expected mask values over maskable weights."""
+        al = self.allowed
+        terms = [(self.kind.expected(lg) * al[n]).sum() for n, lg in self.logits.items()]
+        return torch.stack(terms).sum()
+
+    def active_fraction(self) -> float:
+        """Kept weights / maskable weights under the hard mask."""
+        kept = sum(int(m.sum()) for m in self.hard_masks().values())
+        return kept / max(1, self.n_weights)
+
+    # ------------------------------------------------------------------ attaching
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise MaskError(f"Unknown mask mode {mode!r}; modes are {MODES}.{suggest(mode, MODES)}")
+        self._mode = mode
+
+    @property
+    def attached(self) -> bool:
+        return self._bound is not None
+
+    def attach(self, model: nn.Module, *, freeze: bool = True) -> MaskSet:
+        """Parametrize every target weight of ``model`` with this set's masks.
+
+        ``model`` may be the model the set was built for or another instance of the same
+        architecture (targets are found again by module path and shape-checked). With
+        ``freeze``, every model parameter gets ``requires_grad=False`` until :meth:`detach`,
+        so gradients reach only the mask logits.
+        """
+        if self.attached:
+            raise MaskError("This mask set is already attached; call detach() first.")
+        bound = [t if _owns(model, t) else t.rebind(model) for t in self.targets]
+        done: list[Target] = []
+        try:
+            for t in bound:
+                if parametrize.is_parametrized(t.module, t.param_name):
+                    raise MaskError(
+                        f"Weight {t.name!r} is already parametrized (another mask set "
+                        "attached?). Detach that first."
+                    )
+                parametrize.register_parametrization(t.module, t.param_name, _Mask(self, t.name))
+                done.append(t)
+        except BaseException:
+            _remove(done)
+            raise
+        self._bound = bound
+        if freeze:
+            self._frozen = [(p, p.requires_grad) for p in model.parameters()]
+            for p, _ in self._frozen:
+                p.requires_grad_(False)
+        return self
+
+    def detach(self) -> None:
+        """Remove the parametrizations; the original parameter objects come back unchanged."""
+        if self._bound is None:
+            return
+        bound, self._bound = self._bound, None
+        try:
+            _remove(bound)
+        finally:
+            for p, flag in self._frozen:
+                p.requires_grad_(flag)
+            self._frozen = []
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module, mode: str = "keep") -> Iterator[MaskSet]:
+        """Attach in ``mode`` for the block's duration; detach on exit, also on errors.
+
+        If the set is already attached, only the mode is switched (and restored).
+        """
+        if self.attached:
+            if not _owns(model, self._bound[0]):
+                raise MaskError("This mask set is attached to another model; detach it first.")
+            with self.using(mode):
+                yield self
+            return
+        old = self.mode
+        self.mode = mode
+        self.attach(model)
+        try:
+            yield self
+        finally:
+            self.mode = old
+            self.detach()
+
+    @contextlib.contextmanager
+    def using(self, mode: str) -> Iterator[MaskSet]:
+        """Switch the mode for the block's duration."""
+        old = self.mode
+        self.mode = mode
+        try:
+            yield self
+        finally:
+            self._mode = old
+
+    def _masked(self, name: str, weight: Tensor) -> Tensor:
+        """``weight`` under the current mode (called by the parametrizations)."""
+        mode = self._mode
+        if mode == "off":
+            return weight
+        key = _key(name)
+        logits = self._logits[key]
+        if mode == "soft":
+            mask = self.kind.soft(logits)
+        else:
+            keep = self.kind.hard(logits) & getattr(self._allowed, key)
+            mask = ~keep if mode == "ablate" else keep
+        return weight * mask.to(device=weight.device, dtype=weight.dtype)
+
+    # ------------------------------------------------------------------ counts
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per target: name, layer, block, kept, total (maskable), fraction."""
+        rows = []
+        al = self.allowed
+        for t, (n, m) in zip(self.targets, self.hard_masks().items()):
+            kept, total = int(m.sum()), int(al[n].sum())
+            rows.append({"name": n, "layer": t.layer, "block": t.block, "kept": kept,
+                         "total": total, "fraction": kept / max(1, total)})
+        return rows
+
+    def counts(self) -> dict[int | None, dict[str, int]]:
+        """Kept weights per layer and block: ``{layer: {block: kept}}``."""
+        out: dict[int | None, dict[str, int]] = {}
+        for r in self.table():
+            row = out.setdefault(r["layer"], {})
+            row[r["block"]] = row.get(r["block"], 0) + r["kept"]
+        return out
+
+    def summary(self) -> str:
+        """A text table of kept weights per layer and block."""
+        rows = self.table()
+        kept = sum(r["kept"] for r in rows)
+        title = (f"MaskSet({len(rows)} targets, kind={self.kind.name}, mode={self.mode}, "
+                 f"kept {kept:,} / {self.n_weights:,} = {kept / max(1, self.n_weights):.2%})")
+        lines = [
+            title,
+            f"{'layer':>5}  {'block':<8} {'kept':>10} {'total':>10} {'%':>8}",
+        ]
+        for r in rows:
+            layer = "-" if r["layer"] is None else r["layer"]
+            lines.append(f"{layer:>5}  {r['block']:<8} {r['kept']:>10,} {r['total']:>10,} "
+                         f"{r['fraction']:>8.2%}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        rows = self.table()
+        blocks = list(dict.fromkeys(r["block"] for r in rows))
+        layers = list(dict.fromkeys(r["layer"] for r in rows))
+        cell = {(r["layer"], r["block"]): r for r in rows}
+        head = "".join(f"<th>{html.escape(b)}</th>" for b in blocks)
+        body = []
+        for layer in layers:
+            tds = []
+            for b in blocks:
+                r = cell.get((layer, b))
+                tds.append("<td></td>" if r is None else
+                           f"<td title='{r['kept']:,} / {r['total']:,}'>{r['kept']:,} "
+                           f"({r['fraction']:.1%})</td>")
+            body.append(f"<tr><th>{'-' if layer is None else layer}</th>{''.join(tds)}</tr>")
+        title = html.escape(self.summary().splitlines()[0])
+        return (f"<div><p>{title}</p><table><thead><tr><th>layer</th>{head}</tr></thead>"
+                f"<tbody>{''.join(body)}</tbody></table></div>")
+
+    # ------------------------------------------------------------------ algebra
+
+    def _check_compatible(self, other: MaskSet) -> None:
+        if not isinstance(other, MaskSet):
+            raise MaskError(f"Cannot combine a MaskSet with {type(other).__name__}.")
+        if self.names != other.names:
+            missing = [n for n in self.names if n not in other.names] or [
+                n for n in other.names if n not in self.names] or self.names
+            raise MaskError(
+                f"Mask sets cover different targets (first difference: {missing[0]!r}). "
+                "Combine mask sets built for the same model and targets."
+            )
+        for t, u in zip(self.targets, other.targets):
+            _check_shape(t.name, u.shape, t.shape)
+
+    def _combine(self, other: MaskSet, op: Callable[[Tensor, Tensor], Tensor]) -> MaskSet:
+        self._check_compatible(other)
+        a, b, al = self.hard_masks(), other.hard_masks(), self.allowed
+        return self._from_hard({n: op(a[n], b[n].to(a[n].device)) & al[n] for n in a})
+
+    def __or__(self, other: MaskSet) -> MaskSet:
+        return self._combine(other, torch.logical_or)
+
+    def __and__(self, other: MaskSet) -> MaskSet:
+        return self._combine(other, torch.logical_and)
+
+    def __sub__(self, other: MaskSet) -> MaskSet:
+        return self._combine(other, lambda x, y: x & ~y)
+
+    def __invert__(self) -> MaskSet:
+        al = self.allowed
+        return self._from_hard({n: ~m & al[n] for n, m in self.hard_masks().items()})
+
+    def hardened(self) -> MaskSet:
+        """A copy whose logits encode this set's current hard masks."""
+        return self._from_hard(self.hard_masks())
+
+    def random_like(self, seed: int = 0) -> MaskSet:
+        """A random mask set with the same number kept in every target (element level).
+
+        Kept positions are drawn uniformly among maskable weights; same seed, same result.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        al = self.allowed
+        out = {}
+        for n, m in self.hard_masks().items():
+            pos = al[n].flatten().nonzero().squeeze(1).cpu()
+            pick = pos[torch.randperm(len(pos), generator=gen)[: int(m.sum())]]
+            flat = torch.zeros(m.numel(), dtype=torch.bool)
+            flat[pick] = True
+            out[n] = flat.view(m.shape).to(m.device)
+        return self._from_hard(out)
+
+    # ------------------------------------------------------------------ editing
+
+    @torch.no_grad()
+    def _set(self, name: str, keep: bool, axis: int | None = None, index=None) -> None:
+        lg = self._logits[_key(self.target(name).name)]
+        value = HARD_LOGIT if keep else -HARD_LOGIT
+        if axis is None:
+            lg.fill_(value)
+        else:
+            idx = torch.as_tensor(index, dtype=torch.long, device=lg.device).reshape(-1)
+            lg.index_fill_(axis, idx, value)
+
+    def set_target(self, name: str, keep: bool) -> MaskSet:
+        """Keep (True) or drop (False) a whole target; returns self."""
+        self._set(name, keep)
+        return self
+
+    def set_layer(self, layer: int, keep: bool) -> MaskSet:
+        """Keep or drop every target of a layer; returns self."""
+        names = [t.name for t in self.targets if t.layer == layer]
+        if not names:
+            layers = sorted({t.layer for t in self.targets if t.layer is not None})
+            raise MaskError(f"No mask targets in layer {layer}; layers are {layers}.")
+        for n in names:
+            self._set(n, keep)
+        return self
+
+    def set_head(self, layer: int, head: int, keep: bool, which: str = "qkvo") -> MaskSet:
+        """Keep or drop attention head ``head`` of ``layer`` in the weights named by ``which``.
+
+        q/k/v: the head's ``d_head`` output features; o: its input features. With grouped
+        key/value heads, k and v edit the shared key/value head of ``head``. Returns self.
+        """
+        if self.heads is None:
+            raise MaskError("This mask set knows no head layout (n_heads, d_head).")
+        n_heads, d_head, n_kv = self.heads
+        if not 0 <= head < n_heads:
+            raise MaskError(f"Head {head} out of range: the model has {n_heads} heads.")
+        bad = set(which) - set("qkvo")
+        if bad or not which:
+            raise MaskError(f"which={which!r} must be letters from 'qkvo'.")
+        for letter in which:
+            t = self.target(f"blocks.{layer}.attn.{letter}")
+            h = head // (n_heads // n_kv) if letter in "kv" else head
+            axis = t.in_axis if letter == "o" else t.out_axis
+            self._set(t.name, keep, axis, range(h * d_head, (h + 1) * d_head))
+        return self
+
+    def set_neuron(self, layer: int, index: int | Sequence[int], keep: bool) -> MaskSet:
+        """Keep or drop MLP neuron(s): row(s) of mlp_in (and gate), column(s) of mlp_out."""
+        found = False
+        for t in self.targets:
+            if t.layer == layer and t.block in ("mlp_in", "mlp_gate", "mlp_out"):
+                axis = t.in_axis if t.block == "mlp_out" else t.out_axis
+                idx = torch.as_tensor(index).reshape(-1)
+                if idx.numel() and (idx.min() < 0 or idx.max() >= t.shape[axis]):
+                    raise MaskError(f"Neuron index out of range for {t.name} ({t.shape[axis]}).")
+                self._set(t.name, keep, axis, idx)
+                found = True
+        if not found:
+            raise MaskError(f"No MLP mask targets in layer {layer}.")
+        return self
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | Path) -> Path:
+        """Write logits (safetensors) and a JSON sidecar (same stem) atomically.
+
+        Returns the ``.safetensors`` path.
+        """
+        path = _st_path(path)
+        tensors = {n: lg.detach() for n, lg in self.logits.items()}
+        tensors.update({_ALLOWED + n: a for n, a in self.allowed.items()})
+        save_tensors(path, tensors, metadata={"format": _FORMAT})
+        write_json(path.with_suffix(".json"), self._sidecar())
+        return path
+
+    def _sidecar(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT, "version": 1, "model": self.identity,
+            "heads": list(self.heads) if self.heads else None,
+            "targets": [t.info() for t in self.targets], "kind": self.kind.config(),
+            "mode": self.mode, "objective": self.objective, "lambda": self.lam,
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None,
+             targets: Selection | None = None) -> MaskSet:
+        """Load a mask set saved by :meth:`save`.
+
+        With ``model``, targets are found in it now (by name for bridges, else by module
+        path, or by the same ``targets`` selection used to build the set), and a model whose
+        weights have other shapes raises MaskError naming the first mismatching weight and
+        both shapes. Without ``model`` the set is unbound: counts, algebra, edits and saving
+        work, and :meth:`attach` / :meth:`applied` find the weights in the model they get.
+        """
+        path = _st_path(path)
+        side, tensors = _read_saved(path)
+        saved = side["targets"]
+        if model is None:
+            ts = [_unbound(info) for info in saved]
+            heads = tuple(side["heads"]) if side.get("heads") else None
+        else:
+            ts = _resolve_saved(model, saved, targets)
+            heads = head_dims(model)
+            ident = _identity(model)
+            if side.get("model") and ident and side["model"] != ident:
+                log.warning("mask set %s was made for %s, loading it for %s", path,
+                            side["model"].get("name"), ident.get("name"))
+        ms = cls(ts, kind_from_config(side["kind"]), {t.name: tensors[t.name] for t in ts},
+                 {t.name: tensors[_ALLOWED + t.name] for t in ts}, heads=heads,
+                 identity=side.get("model") or (_identity(model) if model is not None else {}),
+                 metadata=side.get("metadata"))
+        ms.mode = side.get("mode", "soft")
+        return ms
+
+    @classmethod
+    def import_paper(cls, source: str | Path | Mapping, model: nn.Module,
+                     kind: MaskKind | None = None) -> MaskSet:
+        """Import a bigram-subnetwork mask: HF parameter name -> bool array (True = keep).
+
+        ``source`` is a pickle file (read with a restricted unpickler that admits numpy
+        boolean arrays only; see :func:`load_paper_masks`) or an already loaded dict.
+        """
+        data = (_check_paper_dict(source, "mask dict") if isinstance(source, Mapping)
+                else load_paper_masks(source))
+        orig = data.pop("orig_model_name", None)
+        ms = cls.for_model(model, kind)
+        groups = ms._hf_groups()
+        for hf_name, ts in groups.items():  # model order: the first mismatch is reported
+            if hf_name in data and tuple(np.shape(data[hf_name])) != ts[0].hf.shape:
+                raise MaskError(
+                    f"Mask does not fit this model: weight {hf_name!r} has shape "
+                    f"{ts[0].hf.shape} in the model but {tuple(np.shape(data[hf_name]))} in "
+                    "the mask. Use the model the mask was made for"
+                    f"{f' ({orig})' if orig else ''}."
+                )
+        for key in data:
+            if key not in groups:
+                raise MaskError(f"Mask entry {key!r} matches no maskable weight of this model."
+                                f"{suggest(key, groups)}")
+        missing = [h for h in groups if h not in data]
+        if missing:
+            raise MaskError(f"The mask has no entry for {missing[0]!r} (and "
+                            f"{len(missing) - 1} more); it covers another set of weights.")
+        with torch.no_grad():
+            for hf_name, ts in groups.items():
+                full = torch.from_numpy(np.ascontiguousarray(data[hf_name]))
+                for t in ts:
+                    lg = ms._logits[_key(t.name)]
+                    lg.copy_(_hard_logits(t.hf.take(full)).to(lg.device))
+        ms.metadata["orig_model_name"] = orig
+        return ms
+
+    def export_paper(self, path: str | Path, orig_model_name: str | None = None) -> Path:
+        """Write the bigram paper's format: pickled dict HF name -> bool array (True = keep).
+
+        Fused weights are assembled from their q/k/v parts (GPT-NeoX rows re-interleaved
+        per head, GPT-2 ``c_attn`` columns in Conv1D layout); entries of a fused weight no
+        target covers are True (unmasked weights are kept).
+        """
+        groups = self._hf_groups()
+        hard = self.hard_masks()
+        out: dict[str, Any] = {}
+        for hf_name, ts in groups.items():
+            full = torch.ones(ts[0].hf.shape, dtype=torch.bool)
+            for t in ts:
+                t.hf.put(full, hard[t.name].cpu())
+            out[hf_name] = full.numpy()
+        out["orig_model_name"] = orig_model_name or self.identity.get("name")
+        return atomic_write_bytes(path, pickle.dumps(out, protocol=4))
+
+    def _hf_groups(self) -> dict[str, list[Target]]:
+        """HF parameter name -> targets inside it, in model order."""
+        if any(t.module is None for t in self.targets):
+            raise MaskError("This mask set is not bound to a model; load it with "
+                            "MaskSet.load(path, model) to export it.")
+        no_hf = [t.name for t in self.targets if t.hf is None]
+        if no_hf:
+            raise MaskError(
+                f"Target {no_hf[0]!r} has no HF parameter name (native or custom model), so "
+                "the paper format does not apply. Use save()/load() instead."
+            )
+        groups: dict[str, list[Target]] = {}
+        for t in self.targets:
+            groups.setdefault(t.hf.name, []).append(t)
+        return groups
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _hard_logits(mask: Tensor) -> Float[Tensor, "*shape"]:
+    m = mask.to(torch.bool)
+    return torch.where(m, HARD_LOGIT, -HARD_LOGIT).to(torch.float32)
+
+
+def _owns(model: nn.Module, t: Target) -> bool:
+    """True if ``t.module`` is the module at ``t.module_path`` in ``model``."""
+    if t.module is None:
+        return False
+    if t.module_path is None:
+        return True
+    try:
+        return model.get_submodule(t.module_path) is t.module
+    except AttributeError:
+        return False
+
+
+def _remove(targets: Sequence[Target]) -> None:
+    """Remove parametrizations leaving the original parameters; try all, raise the first error."""
+    err: BaseException | None = None
+    for t in targets:
+        try:
+            if parametrize.is_parametrized(t.module, t.param_name):
+                parametrize.remove_parametrizations(t.module, t.param_name,
+                                                    leave_parametrized=False)
+        except BaseException as e:  # noqa: BLE001  keep going: leave little behind
+            err = err or e
+    if err is not None:
+        raise err
+
+
+def _identity(model: nn.Module) -> dict:
+    if getattr(model, "cfg", None) is None or not hasattr(model.cfg, "n_layers"):
+        return {}
+    from interp.models.lm import model_identity
+
+    return model_identity(model)
+
+
+def _st_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def _read_saved(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    """The sidecar and tensors of a saved mask set, checked for completeness."""
+    from safetensors.torch import load_file
+
+    side_path = path.with_suffix(".json")
+    if not path.exists() or not side_path.exists():
+        raise MaskError(f"Mask file {path} or its sidecar {side_path.name} is missing.")
+    side = read_json(side_path)
+    if side.get("format") != _FORMAT:
+        raise MaskError(f"{side_path} is not an interp mask-set sidecar.")
+    tensors = load_file(str(path))
+    for info in side["targets"]:
+        for key in (info["name"], _ALLOWED + info["name"]):
+            if key not in tensors:
+                raise MaskError(f"{path} has no tensor {key!r}; the file is incomplete.")
+    return side, tensors
+
+
+def _unbound(info: dict) -> Target:
+    """A target known by name, shape and module path only (bound at attach time)."""
+    return Target(name=info["name"], module=None, param_name=info["param_name"],
+                  shape=tuple(info["shape"]), layer=info["layer"], block=info["block"],
+                  out_axis=info["out_axis"], module_path=info["module_path"])
+
+
+def _resolve_saved(model: nn.Module, saved: list[dict], selection) -> list[Target]:
+    """Targets of ``model`` matching a sidecar's target list, in the sidecar's order."""
+    if selection is not None:
+        ts = {t.name: t for t in find_targets(model, selection)}
+    else:
+        try:
+            ts = {t.name: t for t in find_targets(model)}
+        except MaskError:
+            ts = {}
+    out = []
+    for info in saved:
+        name = info["name"]
+        if name in ts:
+            out.append(ts[name])
+            continue
+        if not info.get("module_path"):
+            raise MaskError(f"Mask target {name!r} is not in this model.{suggest(name, ts)}")
+        out.append(_unbound(info).rebind(model))
+    for t, info in zip(out, saved):
+        _check_shape(t.name, tuple(t.original.shape), tuple(info["shape"]))
+    return out
+
+
+# --------------------------------------------------------------------------- safe unpickling
+
+
+def _latin1_encode(obj: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 numpy pickles use it (latin1 only)."""
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
+        raise MaskError("Refusing a mask pickle that encodes data other than latin1 text.")
+    return obj.encode("latin1")
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    core = getattr(np, "_core", None) or np.core
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_encode}
+    for mod in ("numpy.core", "numpy._core"):
+        allowed[(f"{mod}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
+        allowed[(f"{mod}.multiarray", "scalar")] = core.multiarray.scalar
+        allowed[(f"{mod}.numeric", "_frombuffer")] = core.numeric._frombuffer
+    return allowed
+
+
+class _BoolArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays; refuses every other global."""
+
+    _allowed = _numpy_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = self._allowed.get((module, name))
+        if obj is None:
+            raise MaskError(
+                f"Refusing to load {module}.{name} from a mask pickle: only numpy boolean "
+                "arrays are allowed. The file is not a bigram-subnetwork mask, or unsafe."
+            )
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise MaskError("Refusing a mask pickle with persistent references.")
+
+
+def load_paper_masks(path: str | Path) -> dict[str, Any]:
+    """Read a released bigram-subnetwork mask pickle without running code from it.
+
+    Returns the dict (HF parameter name -> numpy bool array, plus ``orig_model_name``).
+    Anything else in the file (other classes, functions, non-bool arrays) raises MaskError.
+    """
+    data = Path(path).read_bytes()
+    try:
+        obj = _BoolArrayUnpickler(io.BytesIO(data)).load()
+    except MaskError:
+        raise
+    except Exception as e:
+        raise MaskError(f"{path} is not a readable mask pickle: {e}") from e
+    return _check_paper_dict(obj, str(path))
+
+
+def _check_paper_dict(obj: Any, where: str) -> dict[str, Any]:
+    """``obj`` if it is a dict of boolean numpy arrays (plus ``orig_model_name``)."""
+    if not isinstance(obj, Mapping):
+        raise MaskError(f"{where} holds a {type(obj).__name__}, not a dict of masks.")
+    for k, v in obj.items():
+        if k == "orig_model_name":
+            continue
+        if not isinstance(k, str) or not isinstance(v, np.ndarray) or v.dtype != np.bool_:
+            what = f"{type(v).__name__} {getattr(v, 'dtype', '')}".strip()
+            raise MaskError(f"{where}: entry {k!r} is not a boolean numpy array ({what}).")
+    return dict(obj)

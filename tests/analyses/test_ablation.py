@@ -1,0 +1,106 @@
+"""Necessity (loss without a subnetwork) and generations with and without it."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from analyses.ablation import (
+    GenerationResult,
+    NecessityResult,
+    generate,
+    generations,
+    necessity,
+    plot_necessity,
+)
+from interp.errors import InterpError
+from interp.models.lm import lm_loss
+
+
+def _batches(model, n=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, model.cfg.d_vocab, (3, 16), generator=gen) for _ in range(n)]
+
+
+def test_removing_an_empty_subnetwork_is_the_full_model(native_model):
+    from interp.masks import MaskSet
+
+    batches = _batches(native_model)
+    full_ms = MaskSet.full(native_model)
+    res = necessity(native_model, batches,
+                    {"empty": MaskSet.empty(native_model), "everything": full_ms,
+                     "random": full_ms.random_like(seed=3)}, progress=False)
+    with torch.no_grad():
+        expected = sum(float(lm_loss(native_model(b), b)) for b in batches) / len(batches)
+    assert res.loss_full == pytest.approx(expected, rel=1e-6)
+    assert res.losses["empty"] == pytest.approx(res.loss_full, rel=1e-7)
+    assert res.increase["empty"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(res.increase["everything"]) > 1e-3
+    # removing everything leaves the embeddings-only model, whatever was "random" about it
+    assert res.losses["random"] == pytest.approx(res.losses["everything"], rel=1e-6)
+    assert res.n_removed["empty"] == 0
+    assert res.n_removed["everything"] == res.n_removed["random"] == full_ms.n_weights
+    assert res.n_tokens == 2 * 3 * 15
+    back = NecessityResult.from_json(res.to_json())
+    assert back.losses == res.losses and back.n_removed == res.n_removed
+    fig = plot_necessity(res)
+    assert isinstance(fig, go.Figure) and list(fig.data[0].x)[0] == "full model"
+
+
+def test_random_control_keeps_counts_per_block(native_model):
+    from interp.masks import MaskSet
+
+    ms = MaskSet.for_model(native_model, seed=0)
+    with torch.no_grad():  # a partial subnetwork: keep the first row of every target
+        for name, lg in ms.logits.items():
+            lg.fill_(-10.0)
+            lg[0].fill_(10.0)
+    rnd = ms.random_like(seed=1)
+    res = necessity(native_model, _batches(native_model, 1), {"bigram": ms, "random": rnd},
+                    progress=False)
+    assert res.n_removed["bigram"] == res.n_removed["random"] > 0
+    assert res.losses["bigram"] != res.losses["random"]
+
+
+def test_attached_maskset_is_refused(native_model):
+    from interp.masks import MaskSet
+
+    ms = MaskSet.empty(native_model)
+    with ms.applied(native_model, mode="keep"):
+        with pytest.raises(InterpError, match="detach"):
+            necessity(native_model, _batches(native_model, 1), {"x": ms}, progress=False)
+
+
+def test_greedy_generation_is_argmax_loop(native_model):
+    prompt = torch.tensor([[1, 2, 3]])
+    out = generate(native_model, prompt, 5)
+    tokens = prompt.clone()
+    with torch.no_grad():
+        for _ in range(5):
+            tokens = torch.cat([tokens, native_model(tokens)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert out == tokens[0, 3:].tolist()
+    a = generate(native_model, prompt, 8, temperature=0.3, seed=1)
+    assert a == generate(native_model, prompt, 8, temperature=0.3, seed=1)
+    with pytest.raises(InterpError, match="temperature"):
+        generate(native_model, prompt, 1, temperature=-1)
+
+
+def test_generations_with_and_without_subnetworks(native_model):
+    from interp.masks import MaskSet
+
+    res = generations(native_model, "When shall we", {"empty": MaskSet.empty(native_model),
+                                                      "all": MaskSet.full(native_model)},
+                      max_new_tokens=6, seed=0)
+    keys = {f"{n}, {d}" for n in ("full", "without empty", "without all")
+            for d in ("greedy", "T=0.3")}
+    assert set(res.texts) == keys
+    # removing nothing changes nothing
+    assert res.tokens["without empty, greedy"] == res.tokens["full, greedy"]
+    assert res.tokens["without empty, T=0.3"] == res.tokens["full, T=0.3"]
+    assert all(t.startswith(res.prompt) for t in res.texts.values())
+    assert all(0 < f <= 1 for f in res.distinct_fraction.values())
+    assert GenerationResult.from_json(res.to_json()).texts == res.texts
+    keep = generations(native_model, torch.tensor([[5, 6]]), {"all": MaskSet.full(native_model)},
+                       max_new_tokens=4, temperatures=(0.0,), modes=("keep",))
+    assert keep.tokens["all only, greedy"] == keep.tokens["full, greedy"]
