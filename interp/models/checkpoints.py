@@ -96,6 +96,15 @@ class CheckpointStore:
         stem = self.root / f"step-{step:06d}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
+    def metadata(self, step: int) -> dict:
+        """The JSON sidecar of ``step`` (validation loss, history, ...) without the tensors."""
+        sidecar = self._paths(step)[1]
+        if not sidecar.is_file():
+            raise CheckpointError(
+                f"No checkpoint for step {step} in {str(self.root)!r}; available: {self.steps()}."
+            )
+        return read_json(sidecar)
+
     # ------------------------------------------------------------------ save / load
     def save(self, model, step: int, *, optimizer=None, metadata: dict | None = None) -> Path:
         """Save the model (and optimizer) state at ``step``; returns the weights path."""

@@ -1,0 +1,388 @@
+"""Training a mask set for an objective: ``fit_masks``.
+
+The recipe follows the bigram-subnetwork paper (Chang & Bergen 2025): AdamW on the mask
+logits only (torch defaults, so weight decay 0.01), base weights frozen,
+
+    loss = objective(model, batch) + lam * maskset.penalty() / maskset.n_weights,
+
+the mask kind's schedule advanced after every optimizer step, and two safeguards:
+
+- stopping rule: stop once undecided masks (0.1 <= soft mask <= 0.9) number fewer than 1% of
+  the masks above 0.9 (a smaller subnetwork tolerates fewer undecided weights);
+- spike rule: a task loss that jumps by +0.25 nats or x1.25 over the mean of the previous 10
+  steps and does not get back to that mean at least 100 steps before the end marks the run as
+  unstable; ``spike_retries`` reruns it from the initial logits with a new seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from interp.errors import InterpError, MaskError
+
+__all__ = ["FitResult", "fit_masks", "find_loss_spike", "undecided_fraction"]
+
+log = logging.getLogger(__name__)
+
+Objective = Callable[[Any, Any], Tensor]
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_masks` did.
+
+    Attributes:
+        history: one dict per optimizer step of the final attempt: ``step, loss, task_loss,
+            penalty, active_fraction, undecided, temperature``.
+        steps: optimizer steps taken in the final attempt.
+        stopped_reason: ``"stop_rule"``, ``"max_steps"`` or ``"data_exhausted"``.
+        spike: True if the final attempt's task loss spiked without recovering (see
+            :func:`find_loss_spike`); ``spike_step`` is where.
+        attempts: runs made (1 + retries used).
+        seconds: wall time of all attempts.
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    stopped_reason: str = "max_steps"
+    spike: bool = False
+    spike_step: int | None = None
+    attempts: int = 1
+    seed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The last history record (empty if no step was taken)."""
+        return self.history[-1] if self.history else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FitResult:
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def undecided_fraction(n_undecided: int, n_above: int) -> float:
+    """Undecided masks per mask above 0.9 (the stopping rule compares this with 0.01)."""
+    return n_undecided / n_above if n_above else math.inf
+
+
+def find_loss_spike(
+    losses: Sequence[float],
+    *,
+    add: float = 0.25,
+    mult: float = 1.25,
+    window: int = 10,
+    margin: int = 100,
+) -> int | None:
+    """First step whose loss spiked and did not recover in time, or None if the run is stable.
+
+    A spike is a loss above ``mean(previous window) + add`` or ``mean * mult``. It is harmless
+    if the loss gets back to that mean at least ``margin`` steps before the end; a spike in
+    the last ``margin`` steps can not recover in time and always counts.
+    """
+    n = len(losses)
+    prev: list[float] = []
+    for i, loss in enumerate(losses):
+        if prev:
+            ref = sum(prev) / len(prev)
+            if loss > ref + add or loss > ref * mult:
+                if i >= n - margin or min(losses[i : n - margin]) > ref:
+                    return i
+        prev.append(loss)
+        if len(prev) > window:
+            prev.pop(0)
+    return None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _batch_stream(batches: Iterable | Callable[[int], Iterable], seed: int) -> Iterator:
+    """Endless stream over re-iterable batches (epochs); one pass over a one-shot iterator.
+
+    A callable is called with the attempt's seed, so retries can reshuffle.
+    """
+    src = batches(seed) if callable(batches) else batches
+    if iter(src) is src:  # one-shot iterator: consume it, never restart
+        return src
+    return itertools.chain.from_iterable(itertools.repeat(src))
+
+
+@torch.no_grad()
+def _mask_stats(maskset) -> tuple[int, int, int]:
+    """(kept by the hard mask, keep probability > 0.9, in [0.1, 0.9]) over maskable weights.
+
+    For continuous sparsification the keep probability is the soft mask, as in the paper;
+    exact-zero weights are not counted.
+    Counts stay on the device until one final transfer.
+    """
+    kind, allowed = maskset.kind, maskset.allowed
+    counts = []
+    for name, logits in maskset.logits.items():
+        logits, ok = logits.detach(), allowed[name]
+        soft = kind.keep_probability(logits)
+        counts.append(torch.stack([
+            (kind.hard(logits) & ok).sum(),
+            ((soft > 0.9) & ok).sum(),
+            ((soft >= 0.1) & (soft <= 0.9) & ok).sum(),
+        ]))
+    active, above, undecided = torch.stack(counts).sum(0).tolist()
+    return active, above, undecided
+
+
+def _decided(undecided: int, above: int, ratio: float) -> bool:
+    """The paper's stopping rule, plus: nothing undecided (e.g. every mask at 0) also stops."""
+    return undecided < ratio * above or undecided == 0
+
+
+def _freeze(model, keep: set[int]) -> dict[int, bool]:
+    """Turn off requires_grad on every model tensor except ``keep``; return the old flags."""
+    old = {}
+    for p in model.parameters():
+        if id(p) not in keep:
+            old[id(p)] = p.requires_grad
+            p.requires_grad_(False)
+    return old
+
+
+def _unfreeze(model, old: dict[int, bool]) -> None:
+    for p in model.parameters():
+        if id(p) in old:
+            p.requires_grad_(old[id(p)])
+
+
+def _resolve_device(model, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- one attempt
+
+
+@dataclass
+class _Attempt:
+    history: list[dict[str, float]]
+    steps: int
+    stopped_reason: str
+
+
+def _run(
+    model, maskset, objective: Objective, stream: Iterator, device: torch.device, *,
+    lam: float, lr: float, max_steps: int, min_steps: int, accumulate: int, seed: int,
+    stop_rule: bool, stop_ratio: float, check_every: int, progress: bool, desc: str,
+) -> _Attempt:
+    torch.manual_seed(seed)
+    params = list(maskset.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    n_weights = max(1, int(maskset.n_weights))
+    history: list[dict[str, float]] = []
+    reason = "max_steps"
+    bar = tqdm(range(max_steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        out = _step(model, maskset, objective, stream, device, opt, lam, n_weights, accumulate)
+        if out is None:
+            reason = "data_exhausted"
+            break
+        task, pen = out
+        maskset.kind.step()
+        done = step + 1
+        check = done % check_every == 0 or done == max_steps
+        if check or not history:
+            active, above, undecided = _mask_stats(maskset)
+        rec = {
+            "step": done,
+            "loss": task + lam * pen / n_weights,
+            "task_loss": task,
+            "penalty": pen,
+            "active_fraction": active / n_weights,
+            "undecided": undecided / n_weights,
+            "temperature": maskset.kind.temperature,
+        }
+        history.append(rec)
+        if progress and (step % 10 == 0):
+            bar.set_postfix(task=f"{task:.3f}", active=f"{rec['active_fraction']:.3f}")
+        if not math.isfinite(rec["loss"]):
+            raise InterpError(
+                f"Mask training diverged at step {step + 1} (loss {rec['loss']}). "
+                "Lower lr or lam, or check the objective."
+            )
+        if stop_rule and check and done >= min_steps and _decided(undecided, above, stop_ratio):
+            reason = "stop_rule"
+            break
+    bar.close()
+    return _Attempt(history, len(history), reason)
+
+
+def _step(model, maskset, objective, stream, device, opt, lam, n_weights, accumulate):
+    """One optimizer step over ``accumulate`` micro-batches; (task, penalty) or None at end."""
+    opt.zero_grad(set_to_none=True)
+    task_sum = pen_val = 0.0
+    for _ in range(accumulate):
+        try:
+            batch = _to_device(next(stream), device)
+        except StopIteration:
+            return None
+        # compute each parametrized weight once per forward, not once per access
+        with parametrize.cached():
+            task = objective(model, batch)
+            pen = maskset.penalty()
+            loss = (task + lam * pen / n_weights) / accumulate
+            loss.backward()
+        task_sum += float(task.detach())
+        pen_val = float(pen.detach())
+    opt.step()
+    return task_sum / accumulate, pen_val
+
+
+# --------------------------------------------------------------------------- public
+
+
+def fit_masks(
+    model,
+    maskset,
+    objective: Objective,
+    batches: Iterable | Callable[[int], Iterable],
+    *,
+    lam: float = 1.0,
+    lr: float = 0.05,
+    max_steps: int = 1000,
+    min_steps: int = 0,
+    accumulate: int = 1,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    stop_rule: bool = True,
+    stop_ratio: float = 0.01,
+    check_every: int = 1,
+    spike_retries: int = 0,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``maskset``'s logits so the masked ``model`` minimises ``objective`` plus sparsity.
+
+    Args:
+        model: the model the mask set belongs to; its weights are frozen during the fit and
+            their ``requires_grad`` flags restored after.
+        maskset: a :class:`~interp.masks.MaskSet`. Attached in ``"soft"`` mode if it is not
+            attached yet (and detached again at the end); otherwise its mode is restored.
+        objective: ``objective(model, batch) -> scalar`` task loss (no penalty).
+        batches: an iterable of batches (re-iterables are cycled, one-shot iterators end the
+            fit when exhausted) or ``batches(seed) -> iterable`` so retries reshuffle.
+        lam: weight of the mean expected mask (``penalty / n_weights``).
+        lr: AdamW learning rate on the logits (weight decay stays at torch's 0.01).
+        max_steps, min_steps: bounds on optimizer steps; the stopping rule acts only after
+            ``min_steps``.
+        accumulate: micro-batches per optimizer step.
+        device: where to train; the model and mask set are moved there.
+        seed: seeds torch (hard-concrete sampling); attempt ``k`` uses ``seed + k``.
+        stop_rule: stop once undecided masks < ``stop_ratio`` x masks above 0.9, checked
+            every ``check_every`` steps.
+        spike_retries: reruns (from the initial logits and schedule, with a new seed) when the
+            task loss spikes without recovering; the result says if the last run spiked.
+        progress: show a tqdm bar.
+    """
+    if max_steps < 1 or accumulate < 1 or check_every < 1:
+        raise InterpError("max_steps, accumulate and check_every must be at least 1.")
+    if spike_retries < 0:
+        raise InterpError(f"spike_retries must be >= 0, got {spike_retries}.")
+    dev = _resolve_device(model, device)
+    model.to(dev)
+    maskset.to(dev)
+    init_logits = [p.detach().clone() for p in maskset.parameters()]
+    init_kind = maskset.kind.config()
+    t0 = time.perf_counter()
+    with _fitting(model, maskset):
+        for attempt in range(spike_retries + 1):
+            if attempt:
+                _reset(maskset, init_logits, init_kind)
+            s = seed + attempt
+            run = _run(
+                model, maskset, objective, _batch_stream(batches, s), dev,
+                lam=lam, lr=lr, max_steps=max_steps, min_steps=min_steps,
+                accumulate=accumulate, seed=s, stop_rule=stop_rule, stop_ratio=stop_ratio,
+                check_every=check_every, progress=progress,
+                desc="fit masks" if not attempt else f"fit masks (retry {attempt})",
+            )
+            spike = find_loss_spike([h["task_loss"] for h in run.history])
+            if spike is None:
+                break
+            log.warning("task loss spiked at step %d (attempt %d of %d)", spike + 1,
+                        attempt + 1, spike_retries + 1)
+    return FitResult(
+        history=run.history, steps=run.steps, stopped_reason=run.stopped_reason,
+        spike=spike is not None, spike_step=None if spike is None else spike + 1,
+        attempts=attempt + 1, seed=s, seconds=time.perf_counter() - t0,
+    )
+
+
+def _reset(maskset, init_logits: list[Tensor], init_kind: dict) -> None:
+    """Restore the logits and the kind's schedule to where the fit started."""
+    with torch.no_grad():
+        for p, v in zip(maskset.parameters(), init_logits):
+            p.copy_(v)
+    maskset.kind.restore(init_kind)
+
+
+class _fitting:
+    """Context: freeze the model, eval mode (no dropout), mask set attached in soft mode."""
+
+    def __init__(self, model, maskset):
+        self.model, self.ms = model, maskset
+
+    def __enter__(self):
+        ms, model = self.ms, self.model
+        self.was_attached = bool(ms.attached)
+        self.old_mode = ms.mode
+        if not self.was_attached:
+            ms.attach(model)
+        ms.mode = "soft"
+        self.model_training = model.training
+        self.kind_training = ms.kind.training
+        model.eval()
+        ms.kind.train(True)
+        keep = {id(p) for p in ms.parameters()}
+        self.flags = _freeze(model, keep)
+        for p in ms.parameters():
+            p.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        ms, model = self.ms, self.model
+        _unfreeze(model, self.flags)
+        model.train(self.model_training)
+        ms.kind.train(self.kind_training)
+        ms.mode = self.old_mode
+        if not self.was_attached:
+            ms.detach()
+        return False
