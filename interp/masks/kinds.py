@@ -19,7 +19,9 @@ and advances its schedule with ``step()`` once per optimizer step. Two kinds exi
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -28,7 +30,7 @@ from torch import Tensor
 
 from interp.errors import MaskError, suggest
 
-__all__ = ["MaskKind", "ContinuousSparsification", "HardConcrete", "kind_from_config"]
+__all__ = ["ContinuousSparsification", "HardConcrete", "MaskKind", "kind_from_config"]
 
 _REGISTRY: dict[str, type[MaskKind]] = {}
 
@@ -51,29 +53,58 @@ class MaskKind:
     # -- interface ----------------------------------------------------------------------
     def init_logits(
         self, shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None
-    ) -> Float[Tensor, "..."]:
+    ) -> Float[Tensor, "*shape"]:
         """Initial logits (float32, CPU) for a mask of ``shape``."""
         raise NotImplementedError
 
-    def soft(self, logits: Float[Tensor, "..."], sample: bool | None = None) -> Float[Tensor, "..."]:
+    def soft(self, logits: Float[Tensor, "*shape"], sample: bool | None = None) -> Float[Tensor, "*shape"]:
         """Differentiable mask in [0, 1] (same shape and dtype as ``logits``)."""
         raise NotImplementedError
 
-    def hard(self, logits: Float[Tensor, "..."]) -> Bool[Tensor, "..."]:
+    def hard(self, logits: Float[Tensor, "*shape"]) -> Bool[Tensor, "*shape"]:
         """Final binary mask, True = keep."""
         raise NotImplementedError
 
-    def expected(self, logits: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    def expected(self, logits: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
         """Per-element expected mask; its sum is the differentiable sparsity penalty."""
         raise NotImplementedError
 
-    def keep_probability(self, logits: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    def keep_probability(self, logits: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
         """How sure the mask is to keep each weight, in [0, 1]; the stopping rule counts
         entries in [0.1, 0.9] as undecided. Default: the deterministic soft mask."""
         return self.soft(logits, sample=False)
 
     def step(self) -> None:
         """Advance the per-optimizer-step schedule (no-op by default)."""
+
+    @contextlib.contextmanager
+    def reuse(self) -> Iterator[MaskKind]:
+        """Within the block, compute each logits tensor's soft mask once.
+
+        The forward pass and the penalty then share one mask tensor where ``expected`` is the
+        soft mask (continuous sparsification): ``fit_masks``' hot path. Entries are keyed by
+        the tensor, its version counter, grad mode and temperature, so in-place updates and
+        schedule steps are never served stale.
+        """
+        outer = self.__dict__.get("_memo")
+        self._memo: dict | None = {} if outer is None else outer
+        try:
+            yield self
+        finally:
+            if outer is None:
+                self.__dict__.pop("_memo", None)
+
+    def _reused(self, logits: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        memo = self.__dict__.get("_memo")
+        if memo is None:
+            return fn(logits)
+        key = (id(logits), logits._version, torch.is_grad_enabled(), self.temperature)
+        hit = memo.get(key)
+        if hit is not None and hit[0] is logits:
+            return hit[1]
+        out = fn(logits)
+        memo[key] = (logits, out)
+        return out
 
     @property
     def temperature(self) -> float:
@@ -151,6 +182,9 @@ class ContinuousSparsification(MaskKind):
         return torch.full(tuple(shape), self.init, dtype=torch.float32)
 
     def soft(self, logits, sample=None):
+        return self._reused(logits, self._sigmoid)
+
+    def _sigmoid(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits * self._temperature)
 
     def hard(self, logits):

@@ -225,10 +225,33 @@ class MaskSet(nn.Module):
         return {n: self.kind.hard(lg.detach()) & al[n] for n, lg in self.logits.items()}
 
     def penalty(self) -> Float[Tensor, ""]:
-        """Differentiable sum of expected mask values over maskable weights."""
-        al = self.allowed
-        terms = [(self.kind.expected(lg) * al[n]).sum() for n, lg in self.logits.items()]
+        """Differentiable sum of expected mask values over maskable weights.
+
+        The hot path of mask training: the sum over all entries minus the (few, cached)
+        exact-zero entries, whose value is subtracted without a gradient. They are forced out
+        whatever their logits, and a full-size ``where`` or product with the bool buffer
+        cost about 15% of a Pythia-160M-sized step.
+        """
+        terms = []
+        for n, lg in self.logits.items():
+            e = self.kind.expected(lg)
+            t = e.sum()
+            bad = self._forbidden(n)
+            if bad.numel():
+                t = t - e.detach().flatten().index_select(0, bad).sum()
+            terms.append(t)
         return torch.stack(terms).sum()
+
+    def _forbidden(self, name: str) -> Tensor:
+        """Flat indices of ``name``'s exact-zero weights, cached per allowed-buffer state."""
+        al = getattr(self._allowed, _key(name))
+        state = (al.device, al.data_ptr(), al._version)
+        cache = self.__dict__.setdefault("_forbidden_cache", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] != state:
+            hit = (state, (~al).flatten().nonzero().squeeze(1))
+            cache[name] = hit
+        return hit[1]
 
     def active_fraction(self) -> float:
         """Kept weights / maskable weights under the hard mask."""

@@ -11,7 +11,6 @@ import torch
 from interp.errors import MaskError
 from interp.masks.kinds import ContinuousSparsification, HardConcrete, MaskKind, kind_from_config
 
-
 # --------------------------------------------------------------------------- continuous
 
 
@@ -188,3 +187,32 @@ def test_keep_probability():
         x = torch.full((200_000,), v)
         mc = (hc.soft(x, sample=True) > 0.5).float().mean().item()
         assert hc.keep_probability(x[:1]).item() == pytest.approx(mc, abs=4e-3)
+
+
+def test_reuse_shares_soft_mask_and_gradients():
+    cs = ContinuousSparsification(temperature=2.0)
+    s = torch.randn(50, requires_grad=True)
+    w = torch.randn(50)
+    ref = (w * cs.soft(s)).pow(2).sum() + cs.expected(s).sum()
+    (g_ref,) = torch.autograd.grad(ref, s)
+    with cs.reuse():
+        a = cs.soft(s)
+        assert cs.expected(s) is a and cs.soft(s) is a
+        out = (w * a).pow(2).sum() + cs.expected(s).sum()
+    (g,) = torch.autograd.grad(out, s)
+    assert torch.allclose(out, ref) and torch.allclose(g, g_ref)
+    assert "_memo" not in cs.__dict__ and cs.soft(s) is not cs.soft(s)
+    with cs.reuse():
+        a = cs.soft(s)
+        cs.step()  # a new temperature is a new mask
+        assert not torch.equal(cs.soft(s), a)
+        with torch.no_grad():
+            s.add_(1.0)  # in-place update bumps the version
+        assert cs.soft(s) is not a
+
+
+def test_reuse_leaves_hard_concrete_sampling_alone():
+    hc = HardConcrete()
+    la = torch.zeros(100)
+    with hc.reuse():
+        assert not torch.equal(hc.soft(la), hc.soft(la))

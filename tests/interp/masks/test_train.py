@@ -41,6 +41,10 @@ def _kl_to(target_logits: dict[int, torch.Tensor]):
     return objective
 
 
+def _lm_ce(model, batch: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(batch)[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
+
 def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -60,6 +64,7 @@ def test_find_loss_spike_rules():
     small = [0.1] * 100 + [0.13] * 200  # x1.3 on a small loss is a spike too
     assert find_loss_spike(small) == 100
     assert find_loss_spike([0.1] * 100 + [0.12] * 200) is None  # x1.2 and +0.02: not
+    assert find_loss_spike([-1.0] * 100 + [-0.9] * 200) is None  # no ratio test below zero
 
 
 # --------------------------------------------------------------------------- behaviour
@@ -96,7 +101,7 @@ def test_attached_maskset_keeps_its_mode(native_model):
     ms = MaskSet.for_model(native_model, kind=ContinuousSparsification(), seed=0)
     ms.attach(native_model)
     ms.mode = "off"
-    obj = lambda m, b: m(b).float().pow(2).mean()  # noqa: E731
+    obj = lambda m, b: m(b).float().pow(2).mean()
     fit_masks(native_model, ms, obj, _batches(1), max_steps=2, progress=False)
     assert ms.mode == "off" and getattr(ms, "attached", True)
     ms.detach()
@@ -138,9 +143,9 @@ def test_stop_rule_triggers_on_constructed_case(native_model):
     ms = MaskSet.for_model(native_model, kind=ContinuousSparsification(), seed=0)
     n = ms.n_weights
     # an objective that rewards keeping every weight drives all masks above 0.9 quickly
-    keep_all = lambda m, b: -ms.penalty() / n  # noqa: E731
+    keep_all = lambda m, b: -ms.penalty() / n
     res = fit_masks(native_model, ms, keep_all, _batches(1), lam=0.0, lr=0.05, max_steps=500,
-                    progress=False)
+                    check_every=1, progress=False)
     assert res.stopped_reason == "stop_rule"
     assert 10 < res.steps < 500
     assert res.history[-1]["undecided"] < 0.01 * 1.0
@@ -154,7 +159,7 @@ def test_stop_rule_triggers_on_constructed_case(native_model):
 
 def test_history_fields_finite_and_json(native_model):
     ms = MaskSet.for_model(native_model, kind=ContinuousSparsification(), seed=0)
-    obj = lambda m, b: F.cross_entropy(m(b)[:, :-1].flatten(0, 1), b[:, 1:].flatten())  # noqa: E731
+    obj = _lm_ce
     res = fit_masks(native_model, ms, obj, _batches(3), lam=2.0, max_steps=5, accumulate=2,
                     progress=False)
     assert len(res.history) == 5
@@ -174,12 +179,12 @@ def test_same_seed_same_result(tiny_tokenizer):
     def run(seed):
         model = build_lm("test", tokenizer=tiny_tokenizer, seed=0)
         ms = MaskSet.for_model(model, kind=HardConcrete(), seed=0)
-        obj = lambda m, b: F.cross_entropy(m(b)[:, :-1].flatten(0, 1), b[:, 1:].flatten())  # noqa: E731
+        obj = _lm_ce
         res = fit_masks(model, ms, obj, _batches(2), lam=1.0, max_steps=4, seed=seed,
                         progress=False)
         return res, [p.detach().clone() for p in ms.parameters()]
 
-    (a, la), (b, lb), (c, lc) = run(0), run(0), run(1)
+    (a, la), (b, lb), (_, lc) = run(0), run(0), run(1)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
     assert all(torch.equal(x, y) for x, y in zip(la, lb))
     assert not all(torch.equal(x, y) for x, y in zip(la, lc))  # sampling differs by seed
@@ -217,7 +222,7 @@ def test_bad_arguments(native_model):
 def test_stop_rule_when_everything_is_pruned(native_model):
     """With no mask above 0.9 the paper's ratio never fires; nothing undecided stops too."""
     ms = MaskSet.for_model(native_model, kind=ContinuousSparsification(), seed=0)
-    zero = lambda m, b: m(b).sum() * 0.0  # noqa: E731
+    zero = lambda m, b: m(b).sum() * 0.0
     res = fit_masks(native_model, ms, zero, _batches(1), lam=1000.0, lr=0.1, max_steps=400,
                     check_every=5, progress=False)
     assert res.stopped_reason == "stop_rule" and res.steps % 5 == 0
@@ -226,8 +231,50 @@ def test_stop_rule_when_everything_is_pruned(native_model):
 
 def test_hard_concrete_is_not_decided_at_init(native_model):
     ms = MaskSet.for_model(native_model, kind=HardConcrete(), seed=0)
-    obj = lambda m, b: F.cross_entropy(m(b)[:, :-1].flatten(0, 1), b[:, 1:].flatten())  # noqa: E731
+    obj = _lm_ce
     res = fit_masks(native_model, ms, obj, _batches(2), max_steps=3, progress=False)
     assert res.stopped_reason == "max_steps"
     assert res.history[0]["undecided"] > 0.3
     assert res.history[0]["active_fraction"] > 0.99  # deterministic gates start open
+
+
+def test_check_every_and_data_exhaustion(native_model):
+    ms = MaskSet.for_model(native_model, kind=ContinuousSparsification(), seed=0)
+    obj = _lm_ce
+    # a one-shot iterator of 7 batches ends the fit between checks
+    res = fit_masks(native_model, ms, obj, iter(_batches(7)), max_steps=50, check_every=5,
+                    progress=False)
+    assert res.stopped_reason == "data_exhausted" and res.steps == 7
+    assert [h["step"] for h in res.history] == list(range(1, 8))
+    # mask statistics are refreshed at checks and carried between them
+    assert res.history[0]["active_fraction"] == res.history[4]["active_fraction"]
+    # callables get the attempt's seed
+    seeds = []
+    fit_masks(native_model, ms, obj, lambda s: seeds.append(s) or _batches(1), max_steps=2,
+              seed=3, progress=False)
+    assert seeds == [3]
+
+
+@pytest.mark.parametrize("kind", [ContinuousSparsification(temperature=2.0), HardConcrete()])
+def test_penalty_fast_path_matches_definition(native_model, kind):
+    """The penalty fit_masks adds: expected mask summed over maskable weights only."""
+    from interp.masks import find_targets
+
+    t = find_targets(native_model, "blocks.0.mlp.in")[0]
+    with torch.no_grad():
+        t.module.weight[3, 4] = 0.0
+        t.module.weight[5, 1] = 0.0
+    ms = MaskSet.for_model(native_model, kind=kind, seed=0)
+    with torch.no_grad():
+        for lg in ms.parameters():
+            lg.normal_()
+    ref = sum((kind.expected(lg) * ms.allowed[n]).sum() for n, lg in ms.logits.items())
+    pen = ms.penalty()
+    assert pen.item() == pytest.approx(ref.item(), rel=1e-6)
+    pen.backward()
+    lg = ms.logits["blocks.0.mlp.in"]
+    assert lg.grad is not None and torch.all(lg.grad > 0)
+    # a changed allowed buffer is picked up (the forbidden-index cache is keyed by its state)
+    ms.allowed["blocks.0.mlp.in"][0, 0] = False
+    ref2 = ref - kind.expected(lg.detach())[0, 0]
+    assert ms.penalty().item() == pytest.approx(ref2.item(), rel=1e-6)
