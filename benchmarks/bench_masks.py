@@ -289,6 +289,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--batch", default=None,
+                        help="160M-shape batch as BxT (default 8x128 on a GPU, 2x64 on a CPU)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -297,6 +299,8 @@ def main() -> None:
     device = torch.device(args.device)
     reps, warmup = (2, 1) if args.quick else (args.reps, 2)
     batch = (8, 128) if device.type == "cuda" else (2, 64)
+    if args.batch:
+        batch = tuple(int(x) for x in args.batch.lower().split("x"))
     info = machine_info(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,6 +49,19 @@ _FORMAT = "interp.maskset"
 _ALLOWED = "allowed/"  # key prefix of the allowed masks in saved files
 
 
+def _clear_parametrize_cache() -> None:
+    """Forget weights cached by ``parametrize.cached()``: they were computed in another mode.
+
+    Inside ``fit_masks`` (which trains under ``parametrize.cached()``) a teacher pass in mode
+    "off" would otherwise leave unmasked weights in the cache for the student's pass.
+    """
+    from torch.nn.utils import parametrize
+
+    cache = getattr(parametrize, "_cache", None)
+    if isinstance(cache, dict):
+        cache.clear()
+
+
 def _key(name: str) -> str:
     """ParameterDict key for a target name (keys cannot contain dots)."""
     return name.replace(".", "__")
@@ -253,10 +266,13 @@ class MaskSet(nn.Module):
             cache[name] = hit
         return hit[1]
 
+    def n_active(self) -> int:
+        """Weights kept by the hard mask (the subnetwork's size)."""
+        return sum(int(m.sum()) for m in self.hard_masks().values())
+
     def active_fraction(self) -> float:
         """Kept weights / maskable weights under the hard mask."""
-        kept = sum(int(m.sum()) for m in self.hard_masks().values())
-        return kept / max(1, self.n_weights)
+        return self.n_active() / max(1, self.n_weights)
 
     # ------------------------------------------------------------------ attaching
 
@@ -268,6 +284,8 @@ class MaskSet(nn.Module):
     def mode(self, mode: str) -> None:
         if mode not in MODES:
             raise MaskError(f"Unknown mask mode {mode!r}; modes are {MODES}.{suggest(mode, MODES)}")
+        if mode != getattr(self, "_mode", None):
+            _clear_parametrize_cache()
         self._mode = mode
 
     @property
@@ -346,7 +364,7 @@ class MaskSet(nn.Module):
         try:
             yield self
         finally:
-            self._mode = old
+            self.mode = old
 
     def _masked(self, name: str, weight: Tensor) -> Tensor:
         """``weight`` under the current mode (called by the parametrizations)."""

@@ -45,7 +45,7 @@ def test_removing_an_empty_subnetwork_is_the_full_model(native_model):
     back = NecessityResult.from_json(res.to_json())
     assert back.losses == res.losses and back.n_removed == res.n_removed
     fig = plot_necessity(res)
-    assert isinstance(fig, go.Figure) and list(fig.data[0].x)[0] == "full model"
+    assert isinstance(fig, go.Figure) and next(iter(fig.data[0].x)) == "full model"
 
 
 def test_random_control_keeps_counts_per_block(native_model):
@@ -53,7 +53,7 @@ def test_random_control_keeps_counts_per_block(native_model):
 
     ms = MaskSet.for_model(native_model, seed=0)
     with torch.no_grad():  # a partial subnetwork: keep the first row of every target
-        for name, lg in ms.logits.items():
+        for lg in ms.logits.values():
             lg.fill_(-10.0)
             lg[0].fill_(10.0)
     rnd = ms.random_like(seed=1)
@@ -67,9 +67,8 @@ def test_attached_maskset_is_refused(native_model):
     from interp.masks import MaskSet
 
     ms = MaskSet.empty(native_model)
-    with ms.applied(native_model, mode="keep"):
-        with pytest.raises(InterpError, match="detach"):
-            necessity(native_model, _batches(native_model, 1), {"x": ms}, progress=False)
+    with ms.applied(native_model, mode="keep"), pytest.raises(InterpError, match="detach"):
+        necessity(native_model, _batches(native_model, 1), {"x": ms}, progress=False)
 
 
 def test_greedy_generation_is_argmax_loop(native_model):

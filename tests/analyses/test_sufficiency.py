@@ -81,7 +81,7 @@ def test_bigram_model_itself_is_perfectly_sufficient(markov):
 
 
 def test_matches_brute_force_on_a_random_network(markov):
-    truth, counts, batches = markov
+    _truth, counts, batches = markov
     torch.manual_seed(0)
     model = _TableLM(torch.randn(12, 12))
     res = sufficiency(model, counts, batches, n_sample=50, progress=False)
