@@ -12,10 +12,21 @@ from interp.data.text import (
     load_hf_text,
     load_text_files,
     load_tokenizer,
+    to_sequences,
     tokenize_corpus,
     train_tokenizer,
 )
+from interp.data.bigram import BigramCounts
 from interp.errors import CheckpointError, DataError, InterpError, MaskError, ModelLoadError
+from interp.masks import (
+    ContinuousSparsification,
+    FitResult,
+    HardConcrete,
+    MaskSet,
+    Target,
+    find_targets,
+    fit_masks,
+)
 from interp.models.checkpoints import CheckpointStore
 from interp.models.lm import (
     PRESETS,
@@ -26,5 +37,7 @@ from interp.models.lm import (
     load_hf_lm,
     train_lm,
 )
+from interp.objectives import BigramObjective, LMObjective, SelfDistillationObjective
+from interp.report import Report
 
 __version__ = "0.1.0"
