@@ -16,11 +16,9 @@ import plotly.graph_objects as go
 
 from analyses._results import JSONResult
 from interp.io import read_json, write_json
+from interp.masks.targets import BLOCK_KINDS
 
 log = logging.getLogger(__name__)
-
-BLOCK_KINDS = ("q", "k", "v", "o", "mlp_in", "mlp_out")
-
 
 @dataclass
 class CheckpointEntry(JSONResult):

@@ -16,6 +16,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from analyses._results import JSONResult
+from interp.errors import InterpError
 from interp.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class SweepResult(JSONResult):
 def select_lambda(entries: Sequence[SweepEntry], tolerance: float = 0.04) -> float:
     """The sparsest entry whose r is within ``tolerance`` of the smallest lambda's r."""
     if not entries:
-        raise ValueError("select_lambda needs at least one entry")
+        raise InterpError("select_lambda needs at least one sweep entry; pass lambdas.")
     base = min(entries, key=lambda e: e.lam)
     ok = [e for e in entries if e.surprisal_r >= base.surprisal_r - tolerance]
     return min(ok, key=lambda e: (e.active_fraction, -e.lam)).lam

@@ -4,6 +4,7 @@ Subnetworks as differentiable weight masks, trained for an objective, then read,
 ablated and compared. See docs/ and DESIGN.md for the architecture.
 """
 
+from interp.data.bigram import BigramCounts
 from interp.data.text import (
     Corpus,
     TokenizedCorpus,
@@ -16,7 +17,6 @@ from interp.data.text import (
     tokenize_corpus,
     train_tokenizer,
 )
-from interp.data.bigram import BigramCounts
 from interp.errors import CheckpointError, DataError, InterpError, MaskError, ModelLoadError
 from interp.masks import (
     ContinuousSparsification,

@@ -238,8 +238,7 @@ def evaluate(ctx: StudyContext) -> None:
     res["overlap"] = overlap.overlap_analysis(
         bigram_masks, optimal_masks, label_a="bigram", label_b="optimal", eligible=eligible,
         n_permutations=2000, seed=ctx.cfg.seed).to_dict()
-    prompt = ctx.tokenizer(GENERATION_PROMPT, return_tensors="pt")["input_ids"]
-    res["generation"] = ablation.generations(model, prompt, {"bigram": ctx.bigram},
+    res["generation"] = ablation.generations(model, GENERATION_PROMPT, {"bigram": ctx.bigram},
                                              max_new_tokens=40, seed=ctx.cfg.seed).to_dict()
     write_json(path, res)
     ctx.results.update(res)

@@ -118,11 +118,11 @@ class BigramStudyResult:
             f"{100 * big['active_fraction']:.2f}% of masked weights active",
             f"optimal subnetwork    {100 * opt['active_fraction']:.2f}% active",
             f"loss without bigram   {ab['loss_without_bigram']:.3f}  "
-            f"(+{ab['loss_without_bigram'] - ab['loss_full']:.3f})",
+            f"({ab['loss_without_bigram'] - ab['loss_full']:+.3f})",
             f"loss without random   {ab['loss_without_random']:.3f}  "
-            f"(+{ab['loss_without_random'] - ab['loss_full']:.3f})",
+            f"({ab['loss_without_random'] - ab['loss_full']:+.3f})",
             f"loss without optimal  {ab['loss_without_optimal']:.3f}  "
-            f"(+{ab['loss_without_optimal'] - ab['loss_full']:.3f})",
+            f"({ab['loss_without_optimal'] - ab['loss_full']:+.3f})",
             f"overlap bigram/optimal {m['overlap']['ratio']:.2f}x chance "
             f"({format_p(m['overlap']['p_value'])});  first-MLP share {100 * m['layout']['first_mlp_share']:.1f}%",
             "timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in m["timings"].items()),

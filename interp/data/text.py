@@ -186,7 +186,11 @@ def load_hf_text(
         src = str(source)
         ext = Path(src).suffix.lstrip(".")
         try:
-            if Path(src).exists():
+            if Path(src).is_dir() and (Path(src) / "dataset_info.json").is_file():
+                ds = datasets.load_from_disk(src)  # a folder written by save_to_disk
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[split]
+            elif Path(src).exists():
                 builder = {"txt": "text", "jsonl": "json"}.get(ext, ext)
                 ds = datasets.load_dataset(builder, data_files=src, split=split)
             else:

@@ -340,7 +340,8 @@ def fit_masks(
     if spike_retries < 0:
         raise InterpError(f"spike_retries must be >= 0, got {spike_retries}.")
     dev = _resolve_device(model, device)
-    model.to(dev)
+    if next(model.parameters()).device != dev:
+        model.to(dev)
     maskset.to(dev)
     # a copy of the starting logits only when a retry may need it (it costs a mask set)
     init_logits = [p.detach().clone() for p in maskset.parameters()] if spike_retries else []
