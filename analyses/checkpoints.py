@@ -97,7 +97,9 @@ def plot_checkpoint_layout(result: CheckpointsResult) -> go.Figure:
     steps = [str(e.step) for e in result.entries]
     fig = figure(title="Where the bigram subnetwork sits over training", barmode="stack",
                  xaxis_title="training step", yaxis_title="share of subnetwork weights (%)")
+    fig.update_xaxes(type="category")
     for kind in BLOCK_KINDS:
-        fig.add_trace(go.Bar(x=steps, y=[100 * e.block_shares.get(kind, 0.0)
-                                         for e in result.entries], name=kind))
+        shares = [100 * e.block_shares.get(kind, 0.0) for e in result.entries]
+        if any(shares):  # e.g. no mlp_gate trace for models without gated MLPs
+            fig.add_trace(go.Bar(x=steps, y=shares, name=kind))
     return fig

@@ -30,15 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _results import markers, write_section
 
 from interp.data.bigram import BigramCounts
-from interp.io import atomic_write_text
 from interp.models.lm import PRESETS, lm_loss
 
 log = logging.getLogger("bench_bigram")
 
-START, END = "<!-- bench_bigram:start -->", "<!-- bench_bigram:end -->"
-RESULTS = Path(__file__).with_name("RESULTS.md")
+START, END = markers("bench_bigram")
 
 
 def tiny_lm(V: int):
@@ -228,17 +227,6 @@ def markdown(info: dict, counting: list[dict], objective: list[dict], n: int) ->
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = RESULTS, start: str = START, end: str = END) -> None:
-    """Replace one section of RESULTS.md (or append it); other sections stay as they are."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n\n"
-    if start in old and end in old:
-        head, rest = old.split(start, 1)
-        new = head + text.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    atomic_write_text(path, new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20_000_000)
@@ -268,7 +256,7 @@ def main() -> None:
     text = markdown(info, counting, objective, n)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(text, "bench_bigram")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _results import markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_START, GPU_END = "<!-- bench_bigram_gpu:start -->", "<!-- bench_bigram_gpu:end -->"
+GPU_START, GPU_END = markers("bench_bigram_gpu")
 
 
 def _import_bigram():
@@ -156,9 +157,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        from bench_bigram import write_section
 
-        write_section(Path(args.merge).read_text(), start=GPU_START, end=GPU_END)
+        write_section(Path(args.merge).read_text(), "bench_bigram_gpu")
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_bigram_gpu needs a CUDA device.")

@@ -35,16 +35,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _results import markers, write_section
 
-from interp.io import atomic_write_text
 from interp.masks import ContinuousSparsification, MaskSet
 from interp.masks.train import _adamw, _fitting, _mask_stats, _step
 from interp.models.lm import build_lm, lm_loss, load_hf_lm
 
 log = logging.getLogger("bench_masks")
 
-START, END = "<!-- bench_masks:start -->", "<!-- bench_masks:end -->"
-RESULTS = Path(__file__).with_name("RESULTS.md")
+START, END = markers("bench_masks")
 PYTHIA_160M = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                "intermediate_size": 3072, "vocab_size": 50304, "max_position_embeddings": 2048}
 LAM = 1.0
@@ -271,17 +270,6 @@ def markdown(info: dict, rows: list[dict], reps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace this benchmark's section of RESULTS.md (or append it); others stay as they are."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    atomic_write_text(path, new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -313,7 +301,7 @@ def main() -> None:
     text = markdown(info, rows, reps)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(text, "bench_masks")
 
 
 if __name__ == "__main__":

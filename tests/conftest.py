@@ -86,3 +86,40 @@ def trained_tiny(shakespeare):
     result = train_lm(model, tokens.train, tokens.validation, cfg, progress=False)
     model.eval()
     return model, result
+
+
+@pytest.fixture()
+def conv_net():
+    """A HookedRootModule with a conv kernel: the kind of model image studies use."""
+    from torch import nn
+    from transformer_lens import HookedRootModule
+    from transformer_lens.hook_points import HookPoint
+
+    class TinyConvNet(HookedRootModule):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.hook_conv = HookPoint()
+            self.head = nn.Linear(4, 2)
+            self.setup()
+
+        def forward(self, x):
+            return self.head(self.hook_conv(self.conv(x)).mean((-1, -2)))
+
+    return TinyConvNet()
+
+
+@pytest.fixture(scope="module")
+def gpt2(hf_gpt2_dir):
+    """The tiny GPT-2 through TransformerBridge (one per test module)."""
+    from interp.models.lm import load_hf_lm
+
+    return load_hf_lm(hf_gpt2_dir)
+
+
+@pytest.fixture(scope="module")
+def neox(hf_neox_dir):
+    """The tiny GPT-NeoX through TransformerBridge (one per test module)."""
+    from interp.models.lm import load_hf_lm
+
+    return load_hf_lm(hf_neox_dir)

@@ -299,6 +299,20 @@ def across_checkpoints(ctx: StudyContext) -> None:
     ctx.results["checkpoints"] = result.to_dict()
 
 
+#: The study's stages in order: (name in timings.json, function of the context).
+STAGES = (
+    ("data", prepare_data),
+    ("lm", prepare_model),
+    ("bigram_counts", prepare_counts),
+    ("sweep", run_sweep),
+    ("optimal", fit_optimal),
+    ("controls", run_controls),
+    ("evaluation", evaluate),
+    ("residual", residual_stream),
+    ("checkpoints", across_checkpoints),
+)
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -367,7 +381,7 @@ def build_figures(ctx: StudyContext) -> dict:
         labels.append("embeddings only")
         values.append(controls["embeddings_only"]["surprisal_r"])
     if "random_init" in controls:
-        labels.append("subnetwork of random-init model")
+        labels.append("subnetwork of an untrained model")
         values.append(controls["random_init"]["subnetwork"]["surprisal_r"])
     ab = r["ablation"]
     ab_labels = ["bigram", "random", "optimal"]

@@ -188,24 +188,9 @@ def run_bigram_study(cfg: BigramStudyConfig) -> BigramStudyResult:
     timer = _Timer(out)
     ctx = S.StudyContext(cfg, out)
 
-    with timer("data"):
-        S.prepare_data(ctx)
-    with timer("lm"):
-        S.prepare_model(ctx)
-    with timer("bigram_counts"):
-        S.prepare_counts(ctx)
-    with timer("sweep"):
-        S.run_sweep(ctx)
-    with timer("optimal"):
-        S.fit_optimal(ctx)
-    with timer("controls"):
-        S.run_controls(ctx)
-    with timer("evaluation"):
-        S.evaluate(ctx)
-    with timer("residual"):
-        S.residual_stream(ctx)
-    with timer("checkpoints"):
-        S.across_checkpoints(ctx)
+    for name, stage in S.STAGES:
+        with timer(name):
+            stage(ctx)
     metrics = S.collect_metrics(ctx)
     metrics["timings"] = dict(timer.timings)
     write_json(out / "metrics.json", metrics)

@@ -12,8 +12,6 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from transformer_lens import HookedRootModule
-from transformer_lens.hook_points import HookPoint
 
 from interp.errors import MaskError
 from interp.masks import (
@@ -24,16 +22,6 @@ from interp.masks import (
     load_paper_masks,
 )
 from interp.models.lm import LMConfig, build_lm, load_hf_lm
-
-
-@pytest.fixture(scope="module")
-def gpt2(hf_gpt2_dir):
-    return load_hf_lm(hf_gpt2_dir)
-
-
-@pytest.fixture(scope="module")
-def neox(hf_neox_dir):
-    return load_hf_lm(hf_neox_dir)
 
 
 def _model(family, request):
@@ -380,23 +368,9 @@ def test_load_for_another_model_names_the_weight(native_model, tiny_tokenizer, t
         MaskSet.load(path, wider)
 
 
-class _TinyConvNet(HookedRootModule):
-    """A HookedRootModule with a conv kernel: the kind of model image studies use."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.hook_conv = HookPoint()
-        self.head = nn.Linear(4, 2)
-        self.setup()
-
-    def forward(self, x):
-        return self.head(self.hook_conv(self.conv(x)).mean((-1, -2)))
-
-
-def test_custom_module_masks_and_files(tmp_path):
+def test_custom_module_masks_and_files(tmp_path, conv_net):
     torch.manual_seed(0)
-    net = _TinyConvNet()
+    net = conv_net
     x = torch.randn(2, 1, 6, 6)
     base = net(x)
     ms = MaskSet.empty(net, targets={"conv": (net.conv, "weight")})

@@ -6,24 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformer_lens import HookedRootModule
-from transformer_lens.hook_points import HookPoint
 
 from interp.errors import MaskError
 from interp.masks import find_targets
-from interp.models.lm import load_hf_lm
 
 BLOCKS = ["q", "k", "v", "o", "mlp_in", "mlp_out"]
-
-
-@pytest.fixture(scope="module")
-def gpt2(hf_gpt2_dir):
-    return load_hf_lm(hf_gpt2_dir)
-
-
-@pytest.fixture(scope="module")
-def neox(hf_neox_dir):
-    return load_hf_lm(hf_neox_dir)
 
 
 def _tokens(vocab=97):
@@ -120,22 +107,8 @@ def test_unknown_target_name_suggests(native_model):
         find_targets(native_model, ["nothing.*"])
 
 
-class _TinyConvNet(HookedRootModule):
-    """A HookedRootModule with a conv kernel: the kind of model image studies use."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.hook_conv = HookPoint()
-        self.head = nn.Linear(4, 2)
-        self.setup()
-
-    def forward(self, x):
-        return self.head(self.hook_conv(self.conv(x)).mean((-1, -2)))
-
-
-def test_custom_models_need_a_selection():
-    net = _TinyConvNet()
+def test_custom_models_need_a_selection(conv_net):
+    net = conv_net
     with pytest.raises(MaskError, match="include="):
         find_targets(net)
     by_dict = find_targets(net, {"conv": (net.conv, "weight")})
