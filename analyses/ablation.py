@@ -20,11 +20,10 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from analyses._results import JSONResult
 from interp.errors import InterpError
-from interp.models.lm import lm_loss
+from interp.models.lm import mean_batch_loss, resolve_device
 
 __all__ = ["GenerationResult", "NecessityResult", "generate", "generations", "necessity",
            "plot_necessity"]
@@ -57,25 +56,6 @@ class NecessityResult(JSONResult):
         return {k: v - self.loss_full for k, v in self.losses.items()}
 
 
-def _device_of(model) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def _mean_loss(model, batches: Sequence[Tensor], device, desc: str, progress: bool
-               ) -> tuple[float, int]:
-    total, count = 0.0, 0
-    for tokens in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        tokens = tokens.to(device).long()
-        n = tokens[:, 1:].numel()
-        total += float(lm_loss(model(tokens), tokens)) * n
-        count += n
-    if count == 0:
-        raise InterpError("No tokens to score: pass held-out [batch, pos] batches with pos >= 2.")
-    return total / count, count
-
-
 @torch.no_grad()
 def necessity(
     model,
@@ -94,11 +74,12 @@ def necessity(
             (``mode="ablate"``). Pass ``bigram.random_like(seed)`` for the random control.
     """
     batches = list(batches)
-    dev = torch.device(device) if device is not None else _device_of(model)
+    dev = resolve_device(model, device)
     was_training = model.training
     model.eval()
     try:
-        full, n = _mean_loss(model, batches, dev, "loss (full)", progress)
+        full, n = mean_batch_loss(model, batches, device=dev, progress=progress,
+                                  desc="loss (full)")
         losses, removed = {}, {}
         for name, ms in masksets.items():
             if getattr(ms, "attached", False):
@@ -107,8 +88,8 @@ def necessity(
                     "before necessity(), which attaches each set in ablate mode."
                 )
             with ms.applied(model, mode="ablate"):
-                losses[name], _ = _mean_loss(model, batches, dev, f"loss without {name}",
-                                             progress)
+                losses[name], _ = mean_batch_loss(model, batches, device=dev, progress=progress,
+                                                  desc=f"loss without {name}")
             removed[name] = sum(int(m.sum()) for m in ms.hard_masks().values())
     finally:
         model.train(was_training)
@@ -169,7 +150,7 @@ def generate(
     """
     if temperature < 0:
         raise InterpError(f"temperature must be >= 0, got {temperature}.")
-    dev = _device_of(model)
+    dev = resolve_device(model)
     tokens = prompt.to(dev).long().reshape(1, -1)
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     gen = torch.Generator(device="cpu").manual_seed(seed)

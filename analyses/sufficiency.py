@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from analyses._results import JSONResult
 from interp.data.bigram import BigramCounts
 from interp.errors import InterpError
+from interp.models.lm import resolve_device
 
 __all__ = ["SufficiencyResult", "model_surprisal", "pearson", "plot_sufficiency", "sufficiency"]
 
@@ -126,11 +127,6 @@ def model_surprisal(
     return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
-def _device_of(model) -> torch.device:
-    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def sufficiency(
     model,
@@ -165,7 +161,7 @@ def sufficiency(
             "sufficiency needs raw bigram counts (interpolate=0) for the headline 'seen' "
             "variant; pass the counts as counted and set smoothing= for the smoothed one."
         )
-    dev = torch.device(device) if device is not None else _device_of(model)
+    dev = resolve_device(model, device)
     raw, smooth = counts.to(dev), counts.smoothed(smoothing).to(dev)
     h_context = raw.entropy(per_context=True).to(dev)
     seen_r, smooth_r = _Pearson(), _Pearson()

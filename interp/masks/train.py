@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from interp.errors import InterpError
+from interp.models.lm import resolve_device
 
 __all__ = ["FitResult", "find_loss_spike", "fit_masks", "undecided_fraction"]
 
@@ -192,13 +193,6 @@ def _adamw(params: list[Tensor], lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr)
 
 
-def _resolve_device(model, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 # --------------------------------------------------------------------------- one attempt
 
 
@@ -339,7 +333,7 @@ def fit_masks(
         raise InterpError("max_steps, accumulate and check_every must be at least 1.")
     if spike_retries < 0:
         raise InterpError(f"spike_retries must be >= 0, got {spike_retries}.")
-    dev = _resolve_device(model, device)
+    dev = resolve_device(model, device)
     if next(model.parameters()).device != dev:
         model.to(dev)
     maskset.to(dev)

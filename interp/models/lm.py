@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,14 @@ def model_identity(model) -> dict:
     }
 
 
+def resolve_device(model, device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else where ``model``'s parameters live (CPU for a parameterless one)."""
+    if device is not None:
+        return torch.device(device)
+    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return p.device if p is not None else torch.device("cpu")
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -154,6 +163,32 @@ def lm_loss(
 
 
 @torch.no_grad()
+def mean_batch_loss(
+    model, batches: Iterable[Int[Tensor, "batch pos"]], *,
+    device: str | torch.device | None = None, progress: bool = False, desc: str = "loss",
+) -> tuple[float, int]:
+    """Token-weighted mean next-token loss over batches, and the number of tokens scored.
+
+    The model runs in eval mode; its training flag is restored afterwards.
+    """
+    device = resolve_device(model, device)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for tokens in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            tokens = tokens.to(device).long()
+            n = tokens[:, 1:].numel()
+            total += lm_loss(model(tokens), tokens).item() * n
+            count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise InterpError("No tokens to score: pass [batch, pos] batches with pos >= 2.")
+    return total / count, count
+
+
+@torch.no_grad()
 def evaluate_loss(
     model, tokens: Int[Tensor, " n"], *, seq_len: int = 128, batch_size: int = 16,
     max_batches: int | None = None, device: str | torch.device | None = None,
@@ -161,20 +196,10 @@ def evaluate_loss(
     """Mean next-token loss (nats/token) over a token stream, cut into fixed sequences."""
     from interp.data.text import to_sequences
 
-    device = device or next(model.parameters()).device
-    seqs = to_sequences(tokens, seq_len)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i, start in enumerate(range(0, seqs.shape[0], batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = seqs[start : start + batch_size].to(device)
-        n = batch[:, 1:].numel()
-        total += lm_loss(model(batch), batch).item() * n
-        count += n
-    model.train(was_training)
-    return total / count
+    batches = to_sequences(tokens, seq_len).split(batch_size)
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    return mean_batch_loss(model, batches, device=device)[0]
 
 
 def unigram_entropy(tokens: Int[Tensor, " n"], vocab_size: int) -> float:
@@ -257,7 +282,7 @@ def train_lm(
     from interp.data.text import iterate_batches
 
     cfg = config or TrainConfig()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = resolve_device(model, device)
     model.to(device)
     opt = _optimizer(model, cfg)
     start, history, resumed = 0, [], None

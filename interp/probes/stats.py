@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.errors import InterpError, suggest
+from interp.models.lm import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def iter_activations(
     check_hook_names(model, hook_names)
     if device is not None:
         model.to(device)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = resolve_device(model, device)
     was_training = model.training
     model.eval()
     store: dict[str, Tensor] = {}
