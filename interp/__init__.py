@@ -17,7 +17,15 @@ from interp.data.text import (
     tokenize_corpus,
     train_tokenizer,
 )
-from interp.errors import CheckpointError, DataError, InterpError, MaskError, ModelLoadError
+from interp.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    HookError,
+    InterpError,
+    MaskError,
+    ModelLoadError,
+)
 from interp.masks import (
     ContinuousSparsification,
     FitResult,
@@ -26,6 +34,7 @@ from interp.masks import (
     Target,
     find_targets,
     fit_masks,
+    random_masks,
 )
 from interp.models.checkpoints import CheckpointStore
 from interp.models.lm import (
@@ -37,7 +46,9 @@ from interp.models.lm import (
     load_hf_lm,
     train_lm,
 )
+from interp.numerics import no_denormals
 from interp.objectives import BigramObjective, LMObjective, SelfDistillationObjective
 from interp.report import Report
+from interp.results import Result, bulky
 
 __version__ = "0.1.0"

@@ -20,8 +20,8 @@ padding:0 1.5em;color:#1f2328;line-height:1.5}
 h1{font-size:1.8em;border-bottom:2px solid #d0d7de;padding-bottom:.3em}
 h2{font-size:1.35em;margin-top:2em;border-bottom:1px solid #d0d7de;padding-bottom:.2em}
 table{border-collapse:collapse;margin:1em 0;font-size:.92em}
-th,td{border:1px solid #d0d7de;padding:.35em .7em;text-align:right}
-th{background:#f6f8fa} td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #d0d7de;padding:.35em .7em;text-align:left;vertical-align:top}
+th{background:#f6f8fa} td.n{text-align:right;white-space:nowrap}
 .caption{color:#57606a;font-size:.9em;margin:.2em 0 1.5em}
 .meta{color:#57606a;font-size:.85em}
 .kpis{display:flex;flex-wrap:wrap;gap:.8em;margin:1em 0}
@@ -32,6 +32,13 @@ pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.85em;white-space:
 """
 
 
+def format_p(p: float | None) -> str:
+    """'p = 0.031', 'p < 1e-14' where the exact tail is below what doubles resolve, 'p n/a'."""
+    if p is None or p != p:
+        return "p n/a"
+    return "p < 1e-14" if p < 1e-14 else f"p = {p:.2g}"
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         if v != v:
@@ -40,6 +47,12 @@ def _fmt(v) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return html.escape(str(v))
+
+
+def _cell(v) -> str:
+    """A table cell: numbers right-aligned (they line up), text left-aligned."""
+    numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return f'<td class="n">{_fmt(v)}</td>' if numeric else f"<td>{_fmt(v)}</td>"
 
 
 @dataclass
@@ -80,7 +93,7 @@ class Report:
         cols = list(rows[0].keys())
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
         body = "".join(
-            "<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows
+            "<tr>" + "".join(_cell(r.get(c, "")) for c in cols) + "</tr>" for r in rows
         )
         self._parts.append(f"<table><tr>{head}</tr>{body}</table>")
         if caption:
@@ -104,6 +117,13 @@ class Report:
             self._parts.append(f'<div class="caption">{html.escape(caption)}</div>')
         return self
 
+    def result(self, result, caption: str = "") -> Report:
+        """A result's compact summary table (any :class:`interp.results.Result`)."""
+        self._parts.append(result._repr_html_())
+        if caption:
+            self._parts.append(f'<div class="caption">{html.escape(caption)}</div>')
+        return self
+
     def preformatted(self, text: str) -> Report:
         self._parts.append(f"<pre>{html.escape(text)}</pre>")
         return self
@@ -121,4 +141,11 @@ class Report:
         )
 
     def write(self, path: str | Path) -> Path:
+        """Write the page atomically (a reader never sees half a report)."""
         return atomic_write_text(path, self.render())
+
+    def _repr_html_(self) -> str:
+        """The whole page in a sandboxed frame, so a notebook shows it as the file will look."""
+        return (f'<iframe srcdoc="{html.escape(self.render(), quote=True)}" '
+                'style="width:100%;height:640px;border:1px solid #d0d7de" '
+                'sandbox="allow-scripts"></iframe>')
