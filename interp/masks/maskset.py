@@ -7,35 +7,37 @@ and a mask kind that turns logits into masks. Attached to a model, it puts a
 restores the very same parameter objects. Modes:
 
 - ``soft``: ``W * kind.soft(logits)`` (differentiable; training),
-- ``hard`` / ``keep``: ``W * hard`` (the subnetwork alone),
+- ``keep``: ``W * hard`` (the subnetwork alone),
 - ``ablate``: ``W * ~hard`` (the model without the subnetwork),
 - ``off``: ``W`` (the full model).
 
 Exactly-zero weights are never part of a subnetwork (the ``allowed`` buffers). Results of
 algebra, edits and imports hold "hard" logits (+-``HARD_LOGIT``), which every kind maps to
 the intended binary mask.
+
+Files live in :mod:`interp.masks.files` (save/load) and :mod:`interp.masks.paper` (the bigram
+paper's pickle format); this module keeps the thin methods that call them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import html
-import io
 import logging
-import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from interp.errors import MaskError, suggest
-from interp.io import atomic_write_bytes, read_json, save_tensors, write_json
+from interp.masks import files, paper
 from interp.masks.kinds import ContinuousSparsification, MaskKind, kind_from_config
+from interp.masks.paper import load_paper_masks
+from interp.masks.sampling import random_masks
 from interp.masks.targets import Selection, Target, _check_shape, find_targets, head_dims
 
 __all__ = ["HARD_LOGIT", "MODES", "MaskSet", "load_paper_masks"]
@@ -44,9 +46,7 @@ log = logging.getLogger(__name__)
 
 #: Logit magnitude of a decided mask entry (keep: +HARD_LOGIT, drop: -HARD_LOGIT).
 HARD_LOGIT = 1e4
-MODES = ("soft", "hard", "keep", "ablate", "off")
-_FORMAT = "interp.maskset"
-_ALLOWED = "allowed/"  # key prefix of the allowed masks in saved files
+MODES = ("soft", "keep", "ablate", "off")
 
 
 def _clear_parametrize_cache() -> None:
@@ -479,17 +479,9 @@ class MaskSet(nn.Module):
         """A random mask set with the same number kept in every target (element level).
 
         Kept positions are drawn uniformly among maskable weights; same seed, same result.
+        The plain-dict form is :func:`~interp.masks.sampling.random_masks`.
         """
-        gen = torch.Generator().manual_seed(seed)
-        al = self.allowed
-        out = {}
-        for n, m in self.hard_masks().items():
-            pos = al[n].flatten().nonzero().squeeze(1).cpu()
-            pick = pos[torch.randperm(len(pos), generator=gen)[: int(m.sum())]]
-            flat = torch.zeros(m.numel(), dtype=torch.bool)
-            flat[pick] = True
-            out[n] = flat.view(m.shape).to(m.device)
-        return self._from_hard(out)
+        return self._from_hard(random_masks(self.hard_masks(), eligible=self.allowed, seed=seed))
 
     # ------------------------------------------------------------------ editing
 
@@ -559,23 +551,12 @@ class MaskSet(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write logits (safetensors) and a JSON sidecar (same stem) atomically.
 
-        Returns the ``.safetensors`` path.
+        Returns the ``.safetensors`` path (the suffix is added if ``path`` lacks it).
         """
-        path = _st_path(path)
-        tensors = {n: lg.detach() for n, lg in self.logits.items()}
-        tensors.update({_ALLOWED + n: a for n, a in self.allowed.items()})
-        save_tensors(path, tensors, metadata={"format": _FORMAT})
-        write_json(path.with_suffix(".json"), self._sidecar())
-        return path
-
-    def _sidecar(self) -> dict[str, Any]:
-        return {
-            "format": _FORMAT, "version": 1, "model": self.identity,
-            "heads": list(self.heads) if self.heads else None,
-            "targets": [t.info() for t in self.targets], "kind": self.kind.config(),
-            "mode": self.mode, "objective": self.objective, "lambda": self.lam,
-            "metadata": self.metadata,
-        }
+        side = files.build_sidecar(identity=self.identity, heads=self.heads,
+                                   targets=self.targets, kind=self.kind, mode=self.mode,
+                                   metadata=self.metadata)
+        return files.write_mask_files(path, self.logits, self.allowed, side)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None,
@@ -587,25 +568,16 @@ class MaskSet(nn.Module):
         weights have other shapes raises MaskError naming the first mismatching weight and
         both shapes. Without ``model`` the set is unbound: counts, algebra, edits and saving
         work, and :meth:`attach` / :meth:`applied` find the weights in the model they get.
+        Missing, empty, truncated or inconsistent files raise MaskError naming the file.
         """
-        path = _st_path(path)
-        side, tensors = _read_saved(path)
-        saved = side["targets"]
-        if model is None:
-            ts = [_unbound(info) for info in saved]
-            heads = tuple(side["heads"]) if side.get("heads") else None
-        else:
-            ts = _resolve_saved(model, saved, targets)
-            heads = head_dims(model)
-            ident = _identity(model)
-            if side.get("model") and ident and side["model"] != ident:
-                log.warning("mask set %s was made for %s, loading it for %s", path,
-                            side["model"].get("name"), ident.get("name"))
-        ms = cls(ts, kind_from_config(side["kind"]), {t.name: tensors[t.name] for t in ts},
-                 {t.name: tensors[_ALLOWED + t.name] for t in ts}, heads=heads,
-                 identity=side.get("model") or (_identity(model) if model is not None else {}),
-                 metadata=side.get("metadata"))
-        ms.mode = side.get("mode", "soft")
+        saved = files.read_mask_files(
+            path, model, targets, model_identity=_identity(model) if model is not None else None)
+        ms = cls(saved.targets, saved.kind, saved.logits, saved.allowed, heads=saved.heads,
+                 identity=saved.identity, metadata=saved.metadata)
+        if saved.mode not in MODES:
+            raise MaskError(f"Mask-set sidecar {str(files.sidecar_path(path))!r} has mode "
+                            f"{saved.mode!r}; modes are {MODES}. Fix or re-save the file.")
+        ms.mode = saved.mode
         return ms
 
     @classmethod
@@ -616,33 +588,13 @@ class MaskSet(nn.Module):
         ``source`` is a pickle file (read with a restricted unpickler that admits numpy
         boolean arrays only; see :func:`load_paper_masks`) or an already loaded dict.
         """
-        data = (_check_paper_dict(source, "mask dict") if isinstance(source, Mapping)
-                else load_paper_masks(source))
-        orig = data.pop("orig_model_name", None)
+        data, orig = paper.read_paper(source)
         ms = cls.for_model(model, kind)
-        groups = ms._hf_groups()
-        for hf_name, ts in groups.items():  # model order: the first mismatch is reported
-            if hf_name in data and tuple(np.shape(data[hf_name])) != ts[0].hf.shape:
-                raise MaskError(
-                    f"Mask does not fit this model: weight {hf_name!r} has shape "
-                    f"{ts[0].hf.shape} in the model but {tuple(np.shape(data[hf_name]))} in "
-                    "the mask. Use the model the mask was made for"
-                    f"{f' ({orig})' if orig else ''}."
-                )
-        for key in data:
-            if key not in groups:
-                raise MaskError(f"Mask entry {key!r} matches no maskable weight of this model."
-                                f"{suggest(key, groups)}")
-        missing = [h for h in groups if h not in data]
-        if missing:
-            raise MaskError(f"The mask has no entry for {missing[0]!r} (and "
-                            f"{len(missing) - 1} more); it covers another set of weights.")
+        masks = paper.masks_from_paper(data, ms.targets, orig)
         with torch.no_grad():
-            for hf_name, ts in groups.items():
-                full = torch.from_numpy(np.ascontiguousarray(data[hf_name]))
-                for t in ts:
-                    lg = ms._logits[_key(t.name)]
-                    lg.copy_(_hard_logits(t.hf.take(full)).to(lg.device))
+            for name, mask in masks.items():
+                lg = ms._logits[_key(name)]
+                lg.copy_(_hard_logits(mask).to(lg.device))
         ms.metadata["orig_model_name"] = orig
         return ms
 
@@ -653,32 +605,9 @@ class MaskSet(nn.Module):
         per head, GPT-2 ``c_attn`` columns in Conv1D layout); entries of a fused weight no
         target covers are True (unmasked weights are kept).
         """
-        groups = self._hf_groups()
-        hard = self.hard_masks()
-        out: dict[str, Any] = {}
-        for hf_name, ts in groups.items():
-            full = torch.ones(ts[0].hf.shape, dtype=torch.bool)
-            for t in ts:
-                t.hf.put(full, hard[t.name].cpu())
-            out[hf_name] = full.numpy()
-        out["orig_model_name"] = orig_model_name or self.identity.get("name")
-        return atomic_write_bytes(path, pickle.dumps(out, protocol=4))
-
-    def _hf_groups(self) -> dict[str, list[Target]]:
-        """HF parameter name -> targets inside it, in model order."""
-        if any(t.module is None for t in self.targets):
-            raise MaskError("This mask set is not bound to a model; load it with "
-                            "MaskSet.load(path, model) to export it.")
-        no_hf = [t.name for t in self.targets if t.hf is None]
-        if no_hf:
-            raise MaskError(
-                f"Target {no_hf[0]!r} has no HF parameter name (native or custom model), so "
-                "the paper format does not apply. Use save()/load() instead."
-            )
-        groups: dict[str, list[Target]] = {}
-        for t in self.targets:
-            groups.setdefault(t.hf.name, []).append(t)
-        return groups
+        data = paper.paper_dict(self.targets, self.hard_masks(),
+                                orig_model_name or self.identity.get("name"))
+        return paper.write_paper(path, data)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -721,124 +650,3 @@ def _identity(model: nn.Module) -> dict:
     from interp.models.lm import model_identity
 
     return model_identity(model)
-
-
-def _st_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
-
-
-def _read_saved(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    """The sidecar and tensors of a saved mask set, checked for completeness."""
-    from safetensors.torch import load_file
-
-    side_path = path.with_suffix(".json")
-    if not path.exists() or not side_path.exists():
-        raise MaskError(f"Mask file {path} or its sidecar {side_path.name} is missing.")
-    side = read_json(side_path)
-    if side.get("format") != _FORMAT:
-        raise MaskError(f"{side_path} is not an interp mask-set sidecar.")
-    tensors = load_file(str(path))
-    for info in side["targets"]:
-        for key in (info["name"], _ALLOWED + info["name"]):
-            if key not in tensors:
-                raise MaskError(f"{path} has no tensor {key!r}; the file is incomplete.")
-    return side, tensors
-
-
-def _unbound(info: dict) -> Target:
-    """A target known by name, shape and module path only (bound at attach time)."""
-    return Target(name=info["name"], module=None, param_name=info["param_name"],
-                  shape=tuple(info["shape"]), layer=info["layer"], block=info["block"],
-                  out_axis=info["out_axis"], module_path=info["module_path"])
-
-
-def _resolve_saved(model: nn.Module, saved: list[dict], selection) -> list[Target]:
-    """Targets of ``model`` matching a sidecar's target list, in the sidecar's order."""
-    if selection is not None:
-        ts = {t.name: t for t in find_targets(model, selection)}
-    else:
-        try:
-            ts = {t.name: t for t in find_targets(model)}
-        except MaskError:
-            ts = {}
-    out = []
-    for info in saved:
-        name = info["name"]
-        if name in ts:
-            out.append(ts[name])
-            continue
-        if not info.get("module_path"):
-            raise MaskError(f"Mask target {name!r} is not in this model.{suggest(name, ts)}")
-        out.append(_unbound(info).rebind(model))
-    for t, info in zip(out, saved):
-        _check_shape(t.name, tuple(t.original.shape), tuple(info["shape"]))
-    return out
-
-
-# --------------------------------------------------------------------------- safe unpickling
-
-
-def _latin1_encode(obj: str, encoding: str = "latin1") -> bytes:
-    """``_codecs.encode`` as protocol-2 numpy pickles use it (latin1 only)."""
-    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
-        raise MaskError("Refusing a mask pickle that encodes data other than latin1 text.")
-    return obj.encode("latin1")
-
-
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    core = getattr(np, "_core", None) or np.core
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-               ("_codecs", "encode"): _latin1_encode}
-    for mod in ("numpy.core", "numpy._core"):
-        allowed[(f"{mod}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
-        allowed[(f"{mod}.multiarray", "scalar")] = core.multiarray.scalar
-        allowed[(f"{mod}.numeric", "_frombuffer")] = core.numeric._frombuffer
-    return allowed
-
-
-class _BoolArrayUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays; refuses every other global."""
-
-    _allowed = _numpy_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = self._allowed.get((module, name))
-        if obj is None:
-            raise MaskError(
-                f"Refusing to load {module}.{name} from a mask pickle: only numpy boolean "
-                "arrays are allowed. The file is not a bigram-subnetwork mask, or unsafe."
-            )
-        return obj
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise MaskError("Refusing a mask pickle with persistent references.")
-
-
-def load_paper_masks(path: str | Path) -> dict[str, Any]:
-    """Read a released bigram-subnetwork mask pickle without running code from it.
-
-    Returns the dict (HF parameter name -> numpy bool array, plus ``orig_model_name``).
-    Anything else in the file (other classes, functions, non-bool arrays) raises MaskError.
-    """
-    data = Path(path).read_bytes()
-    try:
-        obj = _BoolArrayUnpickler(io.BytesIO(data)).load()
-    except MaskError:
-        raise
-    except Exception as e:
-        raise MaskError(f"{path} is not a readable mask pickle: {e}") from e
-    return _check_paper_dict(obj, str(path))
-
-
-def _check_paper_dict(obj: Any, where: str) -> dict[str, Any]:
-    """``obj`` if it is a dict of boolean numpy arrays (plus ``orig_model_name``)."""
-    if not isinstance(obj, Mapping):
-        raise MaskError(f"{where} holds a {type(obj).__name__}, not a dict of masks.")
-    for k, v in obj.items():
-        if k == "orig_model_name":
-            continue
-        if not isinstance(k, str) or not isinstance(v, np.ndarray) or v.dtype != np.bool_:
-            what = f"{type(v).__name__} {getattr(v, 'dtype', '')}".strip()
-            raise MaskError(f"{where}: entry {k!r} is not a boolean numpy array ({what}).")
-    return dict(obj)

@@ -174,7 +174,8 @@ class Target:
         except AttributeError as e:
             raise MaskError(
                 f"Target {self.name!r}: the model has no module {self.module_path!r}. "
-                "The mask set belongs to another architecture."
+                "The mask set belongs to another architecture: load it with the model it was "
+                "made for, or without model= to inspect it."
             ) from e
         new = replace(self, module=module)
         _check_shape(self.name, tuple(new.original.shape), self.shape)

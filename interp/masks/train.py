@@ -17,12 +17,11 @@ the mask kind's schedule advanced after every optimizer step, and two safeguards
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,8 +29,10 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from interp.errors import InterpError
+from interp.errors import InterpError, check_number
 from interp.models.lm import resolve_device
+from interp.numerics import no_denormals
+from interp.results import Result, bulky
 
 __all__ = ["FitResult", "find_loss_spike", "fit_masks", "undecided_fraction"]
 
@@ -40,13 +41,15 @@ log = logging.getLogger(__name__)
 Objective = Callable[[Any, Any], Tensor]
 
 
-@dataclass
-class FitResult:
+@dataclass(repr=False)
+class FitResult(Result):
     """What :func:`fit_masks` did.
 
     Attributes:
         history: one dict per optimizer step of the final attempt: ``step, loss, task_loss,
-            penalty, active_fraction, undecided, temperature``.
+            penalty, active_fraction, undecided, temperature, elapsed`` (``elapsed``: seconds
+            since the attempt started, measured at the mask-statistics check that closed the
+            step's group, so late steps can be timed against early ones).
         steps: optimizer steps taken in the final attempt.
         stopped_reason: ``"stop_rule"``, ``"max_steps"`` or ``"data_exhausted"``.
         spike: True if the final attempt's task loss spiked without recovering (see
@@ -55,7 +58,7 @@ class FitResult:
         seconds: wall time of all attempts.
     """
 
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = bulky(list)
     steps: int = 0
     stopped_reason: str = "max_steps"
     spike: bool = False
@@ -69,15 +72,10 @@ class FitResult:
         """The last history record (empty if no step was taken)."""
         return self.history[-1] if self.history else {}
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FitResult:
-        return cls(**d)
+    def summary_rows(self) -> list[tuple[str, Any]]:
+        final = self.final
+        return super().summary_rows() + [
+            (k, final[k]) for k in ("task_loss", "active_fraction", "temperature") if k in final]
 
 
 # --------------------------------------------------------------------------- rules
@@ -215,6 +213,7 @@ def _run(
     # per step ([task, penalty] on the device, temperature); read back in one sync per check
     pending: list[tuple[Tensor, float]] = []
     reason = "max_steps"
+    t0 = time.perf_counter()
     bar = tqdm(total=max_steps, desc=desc, disable=not progress, leave=False)
     for step in range(max_steps):
         out = _step(model, maskset, objective, stream, device, opt, lam, n_weights, accumulate)
@@ -227,7 +226,8 @@ def _run(
         if done % check_every and done != max_steps:
             continue
         active, above, undecided = _mask_stats(maskset)
-        _flush(history, pending, lam, n_weights, active / n_weights, undecided / n_weights)
+        _flush(history, pending, lam, n_weights, active / n_weights, undecided / n_weights,
+               time.perf_counter() - t0)
         bar.update(len(pending))
         pending = []
         h = history[-1]
@@ -237,12 +237,14 @@ def _run(
             break
     if pending:  # data ran out between checks
         active, _, undecided = _mask_stats(maskset)
-        _flush(history, pending, lam, n_weights, active / n_weights, undecided / n_weights)
+        _flush(history, pending, lam, n_weights, active / n_weights, undecided / n_weights,
+               time.perf_counter() - t0)
     bar.close()
     return _Attempt(history, len(history), reason)
 
 
-def _flush(history, pending, lam, n_weights, active: float, undecided: float) -> None:
+def _flush(history, pending, lam, n_weights, active: float, undecided: float,
+           elapsed: float) -> None:
     """Append records for the pending steps; mask statistics are those of the latest check."""
     values = torch.stack([v for v, _ in pending]).tolist()
     for (task, pen), (_, temperature) in zip(values, pending):
@@ -255,7 +257,7 @@ def _flush(history, pending, lam, n_weights, active: float, undecided: float) ->
         history.append({
             "step": step, "loss": task + lam * pen / n_weights, "task_loss": task,
             "penalty": pen, "active_fraction": active, "undecided": undecided,
-            "temperature": temperature,
+            "temperature": temperature, "elapsed": round(elapsed, 4),
         })
 
 
@@ -305,6 +307,7 @@ def fit_masks(
     check_every: int = 10,
     spike_retries: int = 0,
     progress: bool = True,
+    flush_denormals: bool = True,
 ) -> FitResult:
     """Train ``maskset``'s logits so the masked ``model`` minimises ``objective`` plus sparsity.
 
@@ -328,11 +331,18 @@ def fit_masks(
         spike_retries: reruns (from the initial logits and schedule, with a new seed) when the
             task loss spikes without recovering; the result says if the last run spiked.
         progress: show a tqdm bar.
+        flush_denormals: flush subnormal floats to zero during the fit (see
+            :mod:`interp.numerics`; the caller's setting is restored). Turn off only to
+            measure what it saves.
     """
-    if max_steps < 1 or accumulate < 1 or check_every < 1:
-        raise InterpError("max_steps, accumulate and check_every must be at least 1.")
-    if spike_retries < 0:
-        raise InterpError(f"spike_retries must be >= 0, got {spike_retries}.")
+    for name, value in (("max_steps", max_steps), ("accumulate", accumulate),
+                        ("check_every", check_every)):
+        check_number(name, value, low=1, integer=True)
+    check_number("min_steps", min_steps, low=0, integer=True)
+    check_number("spike_retries", spike_retries, low=0, integer=True)
+    check_number("lr", lr, low=0, low_open=True)
+    check_number("lam", lam, low=0)
+    check_number("stop_ratio", stop_ratio, low=0, low_open=True)
     dev = resolve_device(model, device)
     if next(model.parameters()).device != dev:
         model.to(dev)
@@ -341,7 +351,7 @@ def fit_masks(
     init_logits = [p.detach().clone() for p in maskset.parameters()] if spike_retries else []
     init_kind = maskset.kind.config()
     t0 = time.perf_counter()
-    with _fitting(model, maskset):
+    with _fitting(model, maskset), no_denormals(flush_denormals):
         for attempt in range(spike_retries + 1):
             if attempt:
                 _reset(maskset, init_logits, init_kind)

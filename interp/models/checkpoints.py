@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from interp.errors import CheckpointError
-from interp.io import read_json, save_tensors, write_json
+from interp.io import read_json, read_tensors, require_keys, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"^step-(\d+)\.json$")
 _OPT_PREFIX = "optim."
+_FIX_STORE = ("Restore store.json from a backup, or delete the directory (or use another one) "
+              "to start the run over.")
 
 
 @dataclass
@@ -53,8 +55,9 @@ class CheckpointStore:
     def __init__(self, root: str | Path, identity: dict | None = None):
         self.root = Path(root)
         manifest = self.root / "store.json"
-        if manifest.is_file():
-            stored = read_json(manifest)
+        if manifest.exists():
+            stored = read_json(manifest, error=CheckpointError,
+                               what="Checkpoint store manifest", fix=_FIX_STORE)
             if identity is not None and stored != _jsonable(identity):
                 keys = _diff_keys(stored, _jsonable(identity))
                 raise CheckpointError(
@@ -99,11 +102,24 @@ class CheckpointStore:
     def metadata(self, step: int) -> dict:
         """The JSON sidecar of ``step`` (validation loss, history, ...) without the tensors."""
         sidecar = self._paths(step)[1]
-        if not sidecar.is_file():
+        if not sidecar.exists():
             raise CheckpointError(
-                f"No checkpoint for step {step} in {str(self.root)!r}; available: {self.steps()}."
+                f"No checkpoint for step {step} in {str(self.root)!r}; available: {self.steps()}. "
+                "Pass one of those steps."
             )
-        return read_json(sidecar)
+        return self._read_sidecar(step, sidecar)
+
+    def _read_sidecar(self, step: int, sidecar: Path) -> dict:
+        fix = self._fix_step(step)
+        meta = read_json(sidecar, error=CheckpointError, what="Checkpoint sidecar", fix=fix)
+        return require_keys(meta, ("step",), sidecar, error=CheckpointError,
+                            what="Checkpoint sidecar", fix=fix)
+
+    def _fix_step(self, step: int) -> str:
+        others = [s for s in self.steps() if s != step]
+        return (f"Delete both step-{step:06d} files to fall back to "
+                f"{f'step {others[-1]}' if others else 'a fresh start'}, or restore them from a "
+                "backup.")
 
     # ------------------------------------------------------------------ save / load
     def save(self, model, step: int, *, optimizer=None, metadata: dict | None = None) -> Path:
@@ -125,27 +141,43 @@ class CheckpointStore:
         return weights
 
     def load(self, step: int | None = None, *, model=None, optimizer=None, device=None) -> Checkpoint:
-        """Load a checkpoint (latest when ``step`` is None) into ``model``/``optimizer`` if given."""
-        from safetensors.torch import load_file
+        """Load a checkpoint (latest when ``step`` is None) into ``model``/``optimizer`` if given.
 
+        A missing, empty, truncated or incomplete weights file or sidecar raises
+        :class:`CheckpointError` naming the file.
+        """
         if step is None:
             step = self.latest_step()
             if step is None:
                 raise CheckpointError(f"No checkpoints in {str(self.root)!r} yet.")
         weights, sidecar = self._paths(step)
-        if not sidecar.is_file():
+        if not sidecar.exists():
             raise CheckpointError(
-                f"No checkpoint for step {step} in {str(self.root)!r}; available: {self.steps()}."
+                f"No checkpoint for step {step} in {str(self.root)!r}; available: {self.steps()}. "
+                "Pass one of those steps, or step=None for the latest."
             )
-        tensors = load_file(str(weights), device=str(device) if device else "cpu")
-        meta = read_json(sidecar)
+        meta = self._read_sidecar(step, sidecar)
+        tensors = read_tensors(weights, device=str(device) if device else "cpu",
+                               error=CheckpointError, what="Checkpoint weights",
+                               fix=self._fix_step(step))
+        rng = None
+        if "rng_state" in meta:  # checked before anything is loaded into the model
+            try:
+                rng = torch.tensor(meta["rng_state"], dtype=torch.uint8)
+                if rng.shape != torch.get_rng_state().shape:
+                    raise ValueError(f"{tuple(rng.shape)} entries, not "
+                                     f"{tuple(torch.get_rng_state().shape)}")
+            except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+                raise CheckpointError(
+                    f"Checkpoint sidecar {str(sidecar)!r} has an invalid 'rng_state' ({e}). "
+                    f"{self._fix_step(step)}") from e
         state = {k: v for k, v in tensors.items() if not k.startswith(_OPT_PREFIX)}
         if model is not None:
             _load_model_state(model, state, self.root)
         if optimizer is not None:
             _load_optimizer_state(optimizer, tensors, meta)
-        if "rng_state" in meta:
-            torch.set_rng_state(torch.tensor(meta["rng_state"], dtype=torch.uint8))
+        if rng is not None:
+            torch.set_rng_state(rng)
         return Checkpoint(step, meta, state)
 
 
@@ -181,12 +213,20 @@ def _load_optimizer_state(optimizer, tensors: dict, meta: dict) -> None:
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith(_OPT_PREFIX):
-            idx, name = k[len(_OPT_PREFIX):].split(".", 1)
+            idx, _, name = k[len(_OPT_PREFIX):].partition(".")
+            if not idx.isdigit() or not name:
+                raise CheckpointError(f"Checkpoint has a malformed optimizer tensor {k!r}; it "
+                                      "was not written by CheckpointStore.save.")
             state.setdefault(int(idx), {})[name] = v
     groups = meta.get("optimizer_param_groups")
     if groups is None:
         raise CheckpointError("Checkpoint has no optimizer state; cannot resume training from it.")
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"Checkpoint optimizer state does not fit this optimizer ({e}). Build the optimizer "
+            "the run was trained with, or resume without optimizer state.") from e
 
 
 def _jsonable(obj):

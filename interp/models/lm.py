@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.errors import InterpError, ModelLoadError, suggest
+from interp.errors import ConfigError, InterpError, ModelLoadError, check_number, suggest
+from interp.numerics import no_denormals
+from interp.results import Result, bulky
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,12 @@ PRESETS: dict[str, LMConfig] = {
 }
 
 
-def _resolve_config(preset: str | LMConfig) -> LMConfig:
+def resolve_preset(preset: str | LMConfig) -> LMConfig:
+    """The architecture of a preset name (ConfigError with suggestions for unknown names)."""
     if isinstance(preset, LMConfig):
         return preset
     if preset not in PRESETS:
-        raise InterpError(
+        raise ConfigError(
             f"Unknown LM preset {preset!r}; presets are {sorted(PRESETS)}.{suggest(preset, PRESETS)}"
         )
     return PRESETS[preset]
@@ -80,7 +83,7 @@ def build_lm(
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
-    cfg = _resolve_config(preset)
+    cfg = resolve_preset(preset)
     tb_cfg = TransformerBridgeConfig(
         n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head,
         d_mlp=cfg.d_mlp, d_vocab=len(tokenizer), n_ctx=cfg.n_ctx, act_fn=cfg.act_fn,
@@ -105,27 +108,163 @@ def load_hf_lm(
 
     ``revision`` selects a training checkpoint on the hub (e.g. Pythia's ``"step4000"``).
     Without a network, pass a local directory.
+
+    Raises:
+        ModelLoadError: the path does not exist, a directory holds no HF model (no or a
+            corrupt ``config.json``), the architecture is not one TransformerBridge supports
+            (the message names it and the supported families), the hub cannot be reached,
+            or the model does not fit in memory (an ``OSError``/``RuntimeError`` caused by
+            running out of memory).
+        torch.OutOfMemoryError, MemoryError: re-raised as they are, with a note on what to
+            do (a smaller ``dtype``, another ``device``), so callers can catch them.
     """
+    import re
+
     from transformer_lens.model_bridge import TransformerBridge
 
+    from interp.io import read_json
+
     src = str(name_or_dir)
-    is_dir = Path(src).is_dir()
-    if not is_dir and (src.startswith((".", "/")) or Path(src).suffix):
+    path = Path(src).expanduser()
+    is_dir = path.is_dir()
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", src) is not None
+    if path.exists() and not is_dir:
+        raise ModelLoadError(f"{src!r} is a file, not a model directory. Pass the directory "
+                             "written by save_pretrained.")
+    if not is_dir and (not hub_id or src.startswith((".", "~"))):
         raise ModelLoadError(f"Model directory {src!r} does not exist. Check the path.")
+    config = None
+    if is_dir:
+        config_path = path / "config.json"
+        if not config_path.exists():
+            raise ModelLoadError(
+                f"Directory {src!r} is not a Hugging Face model: it has no config.json. Pass a "
+                "directory written by save_pretrained (config.json and weights), or a hub id."
+            )
+        config = read_json(config_path, error=ModelLoadError, what="Model config",
+                           fix="Save the model again with save_pretrained.")
+        unsupported = _unsupported_architecture(src, config)
+        if unsupported:
+            raise ModelLoadError(unsupported)
+        if src.startswith("~"):
+            src = str(path)
+    oom_types = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
     try:
         model = TransformerBridge.boot_transformers(
             src, device=device, dtype=dtype, revision=revision, tokenizer=tokenizer
         )
-    except OSError as e:
-        raise ModelLoadError(
-            f"Could not load model {src!r}: {e}. Without a network, download it elsewhere "
-            "(save_pretrained) and pass the local directory."
-        ) from e
-    except Exception as e:  # the bridge raises plain errors for unsupported architectures
-        raise ModelLoadError(f"Could not load model {src!r} through TransformerBridge: {e}") from e
+    except oom_types as e:  # keep the type (callers may retry smaller); add what to do
+        e.add_note(f"interp: model {src!r} does not fit in memory on {device} in {dtype}; "
+                   "use a smaller dtype (torch.bfloat16 / torch.float16) or another device.")
+        raise
+    except Exception as e:
+        if _out_of_memory(e):
+            raise ModelLoadError(
+                f"Model {src!r} does not fit in memory on {device} in {dtype} ({e}). Load it "
+                "with a smaller dtype (torch.bfloat16 / torch.float16), on a device with more "
+                "memory, or choose a smaller model."
+            ) from e
+        unsupported = _unsupported_architecture(src, config, e)
+        if unsupported:
+            raise ModelLoadError(unsupported) from e
+        if isinstance(e, OSError) and is_dir:
+            raise ModelLoadError(
+                f"Could not load model directory {src!r}: {e}. Save the model there again with "
+                "save_pretrained (config.json and its weights)."
+            ) from e
+        if isinstance(e, OSError):
+            raise ModelLoadError(
+                f"Could not load model {src!r}: {e}. Without a network, download it elsewhere "
+                "(save_pretrained) and pass the local directory."
+            ) from e
+        fix = ("Its files are damaged or incomplete: save the model there again with "
+               "save_pretrained." if is_dir else
+               "Check the hub id, or pass a local directory written by save_pretrained.")
+        raise ModelLoadError(f"Could not load model {src!r} through TransformerBridge: {e}. "
+                             f"{fix}") from e
     model.eval()
     model.interp_config = {"hf": src, "revision": revision}
     return model
+
+
+def _out_of_memory(error: BaseException | None) -> bool:
+    """Whether ``error`` or an exception it was raised from means memory ran out."""
+    import errno
+
+    oom_types = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, oom_types):
+            return True
+        if isinstance(error, OSError) and error.errno == errno.ENOMEM:
+            return True
+        text = str(error).lower()
+        if any(s in text for s in ("out of memory", "cannot allocate memory",
+                                   "can't allocate memory")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+#: Families named in the unsupported-architecture message (those TransformerBridge has).
+_KNOWN_FAMILIES = {
+    "GPT2LMHeadModel": "GPT-2", "GPTNeoXForCausalLM": "GPT-NeoX / Pythia",
+    "LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2",
+    "GemmaForCausalLM": "Gemma", "OPTForCausalLM": "OPT", "GPTJForCausalLM": "GPT-J",
+    "GPTNeoForCausalLM": "GPT-Neo", "PhiForCausalLM": "Phi", "OlmoForCausalLM": "OLMo",
+}
+
+
+def _unsupported_architecture(src: str, config: dict | None,
+                              error: BaseException | None = None) -> str | None:
+    """The message for a model whose architecture TransformerBridge does not support, or None.
+
+    From a local ``config`` (before loading), or from the bridge's ``error`` (hub models).
+    """
+    import re
+    from types import SimpleNamespace
+
+    try:
+        from transformer_lens.factories.architecture_adapter_factory import (
+            SUPPORTED_ARCHITECTURES,
+        )
+        from transformer_lens.model_bridge.sources.transformers import (
+            determine_architecture_from_hf_config,
+        )
+    except ImportError:  # another TransformerLens layout: let the bridge decide
+        return None
+    if error is None:
+        if config is None:
+            return None
+        try:
+            determine_architecture_from_hf_config(SimpleNamespace(**config))
+            return None
+        except ValueError:
+            archs, model_type = list(config.get("architectures") or []), config.get("model_type")
+    else:
+        text = str(error)
+        if not isinstance(error, ValueError) or not re.search(
+                r"Could not determine supported architecture|Unsupported architecture", text):
+            return None
+        if config is not None:
+            archs, model_type = list(config.get("architectures") or []), config.get("model_type")
+        else:
+            found = re.search(r"Config architectures: \[([^\]]*)\]", text)
+            archs = re.findall(r"'([^']+)'", found.group(1)) if found else []
+            mt = re.search(r"Model type: (\S+)", text)
+            model_type = mt.group(1) if mt else None
+    name = ", ".join(archs) or "unknown"
+    hint = suggest(archs[0], SUPPORTED_ARCHITECTURES) if archs else ""
+    families = ", ".join(f"{fam} ({arch})" for arch, fam in _KNOWN_FAMILIES.items()
+                         if arch in SUPPORTED_ARCHITECTURES)
+    return (
+        f"Model {src!r} has architecture {name} (model_type {model_type!r}), which "
+        f"TransformerBridge does not support.{hint} Supported families include {families}, "
+        f"and more: {len(SUPPORTED_ARCHITECTURES)} architectures in transformer_lens."
+        "factories.architecture_adapter_factory.SUPPORTED_ARCHITECTURES. Use a model of one "
+        "of them, or a native preset (build_lm)."
+    )
 
 
 def model_identity(model) -> dict:
@@ -164,7 +303,7 @@ def lm_loss(
 
 @torch.no_grad()
 def mean_batch_loss(
-    model, batches: Iterable[Int[Tensor, "batch pos"]], *,
+    model, batches: Iterable[Int[Tensor, "_batch _pos"]], *,
     device: str | torch.device | None = None, progress: bool = False, desc: str = "loss",
 ) -> tuple[float, int]:
     """Token-weighted mean next-token loss over batches, and the number of tokens scored.
@@ -214,7 +353,7 @@ def unigram_entropy(tokens: Int[Tensor, " n"], vocab_size: int) -> float:
 
 @dataclass
 class TrainConfig:
-    """Hyperparameters of :func:`train_lm`."""
+    """Hyperparameters of :func:`train_lm` (checked by :meth:`validate`)."""
 
     steps: int = 1250
     batch_size: int = 16
@@ -229,18 +368,46 @@ class TrainConfig:
     checkpoint_every: int = 250
     seed: int = 0
 
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError for values that make no sense (before minutes of training)."""
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every"):
+            check_number(name, getattr(self, name), low=1, integer=True)
+        check_number("seq_len", self.seq_len, low=2, integer=True)
+        check_number("warmup_steps", self.warmup_steps, low=0, integer=True)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        check_number("grad_clip", self.grad_clip, low=0, low_open=True)
+        return self
 
-@dataclass
-class TrainResult:
-    """What :func:`train_lm` measured."""
+    def epochs(self, n_train_tokens: int) -> float:
+        """How many passes over ``n_train_tokens`` the schedule makes."""
+        return self.steps * self.batch_size * self.seq_len / max(1, n_train_tokens)
+
+
+#: Warn when the schedule makes more passes than this over the training tokens.
+EPOCH_WARNING = 4.0
+
+
+@dataclass(repr=False)
+class TrainResult(Result):
+    """What :func:`train_lm` measured.
+
+    Attributes:
+        epochs: passes over the training tokens the schedule made.
+        overfit_step: first evaluation step whose validation loss rose over the best one
+            before it (None while it keeps falling); a warning is logged then.
+    """
 
     steps: int
     final_train_loss: float
     val_loss: float
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = bulky(list)
     seconds: float = 0.0
     steps_per_second: float = 0.0
     resumed_from: int | None = None
+    epochs: float = 0.0
+    overfit_step: int | None = None
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -281,7 +448,19 @@ def train_lm(
     """
     from interp.data.text import iterate_batches
 
-    cfg = config or TrainConfig()
+    cfg = (config or TrainConfig()).validate()
+    n_train = int(train_tokens.numel())
+    if n_train < cfg.seq_len + 1:
+        raise InterpError(
+            f"The training text has {n_train} tokens, fewer than one sequence of seq_len + 1 = "
+            f"{cfg.seq_len + 1}. Use a larger corpus or a shorter seq_len."
+        )
+    epochs = cfg.epochs(n_train)
+    if epochs > EPOCH_WARNING:
+        log.warning(
+            "The LM schedule (%d steps x %d x %d tokens) makes %.1f passes over the %d "
+            "training tokens; expect overfitting. Use fewer steps or a larger corpus.",
+            cfg.steps, cfg.batch_size, cfg.seq_len, epochs, n_train)
     device = resolve_device(model, device)
     model.to(device)
     opt = _optimizer(model, cfg)
@@ -294,14 +473,47 @@ def train_lm(
         if start >= cfg.steps:
             return TrainResult(start, history[-1]["train_loss"] if history else float("nan"),
                                ckpt.metadata.get("val_loss", float("nan")), history,
-                               resumed_from=resumed)
+                               resumed_from=resumed, epochs=epochs,
+                               overfit_step=_overfit_step(history))
     torch.manual_seed(cfg.seed + start)
     batches = iterate_batches(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed, start=start)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     model.train()
-    t0, loss_val, val_loss = time.perf_counter(), float("nan"), float("nan")
+    t0 = time.perf_counter()
     bar = tqdm(range(start, end), desc="train LM", disable=not progress, initial=start,
                total=cfg.steps)
+    overfit = _overfit_step(history)
+    with no_denormals():
+        loss_val, val_loss, overfit = _train_steps(
+            model, opt, batches, bar, cfg, val_tokens, device, store, history, overfit)
+    seconds = time.perf_counter() - t0
+    model.eval()
+    n = end - start
+    if end == cfg.steps and math.isnan(val_loss):
+        val_loss = evaluate_loss(model, val_tokens, seq_len=cfg.seq_len,
+                                 batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+    return TrainResult(end, loss_val, val_loss, history, seconds,
+                       n / seconds if seconds > 0 else 0.0, resumed, epochs, overfit)
+
+
+def _overfit_step(history: list[dict]) -> int | None:
+    """First step whose validation loss is above the best earlier validation loss."""
+    best = math.inf
+    for rec in history:
+        v = rec.get("val_loss")
+        if v is None:
+            continue
+        if v > best:
+            return rec["step"]
+        best = min(best, v)
+    return None
+
+
+def _train_steps(model, opt, batches, bar, cfg, val_tokens, device, store, history, overfit):
+    """The optimizer steps of :func:`train_lm` (``bar`` iterates over step indices)."""
+    loss_val, val_loss = float("nan"), float("nan")
+    best_val = min((r["val_loss"] for r in history if r.get("val_loss") is not None),
+                   default=math.inf)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
@@ -320,16 +532,16 @@ def train_lm(
             record["val_loss"] = val_loss
             model.train()
             bar.set_postfix(loss=f"{loss_val:.3f}", val=f"{val_loss:.3f}")
+            if val_loss > best_val and overfit is None:
+                overfit = done
+                log.warning(
+                    "Validation loss rose at step %d (%.4f, best so far %.4f): the model "
+                    "starts to overfit. Use fewer steps or a larger corpus.",
+                    done, val_loss, best_val)
+            best_val = min(best_val, val_loss)
         history.append(record)
         if store is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             store.save(model, done, optimizer=opt,
                        metadata={"val_loss": record.get("val_loss"), "train_config": asdict(cfg),
                                  "history": history})
-    seconds = time.perf_counter() - t0
-    model.eval()
-    n = end - start
-    if end == cfg.steps and math.isnan(val_loss):
-        val_loss = evaluate_loss(model, val_tokens, seq_len=cfg.seq_len,
-                                 batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
-    return TrainResult(end, loss_val, val_loss, history, seconds,
-                       n / seconds if seconds > 0 else 0.0, resumed)
+    return loss_val, val_loss, overfit

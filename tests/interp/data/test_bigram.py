@@ -131,6 +131,57 @@ def test_load_missing_or_corrupt(tmp_path):
         BigramCounts.load(tmp_path / "bad.safetensors")
 
 
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _damage_side(text):
+    return lambda path, side: side.write_text(text)
+
+
+def _drop_key(key):
+    def damage(path, side):
+        import json
+
+        info = json.loads(side.read_text())
+        del info[key]
+        side.write_text(json.dumps(info))
+    return damage
+
+
+@pytest.mark.parametrize("damage, named, problem", [
+    (lambda path, side: path.write_bytes(b""), "tensors", "is empty"),
+    (lambda path, side: path.write_bytes(path.read_bytes()[:40]), "tensors", "truncated"),
+    (lambda path, side: path.unlink(), "tensors", "does not exist"),
+    (lambda path, side: side.unlink(), "sidecar", "does not exist"),
+    (_damage_side(""), "sidecar", "is empty"),
+    (_damage_side('{"format": "interp.bigram_counts/1", "voc'), "sidecar", "not valid JSON"),
+    (_damage_side("[]"), "sidecar", "not a dict"),
+    (_drop_key("vocab_size"), "sidecar", "has no 'vocab_size' entry"),
+    (_drop_key("format"), "sidecar", "has no 'format' entry"),
+])
+def test_damaged_count_files_raise_data_error_naming_them(tmp_path, damage, named, problem):
+    path = BigramCounts.from_tokens(_stream(300, 10), 10).save(tmp_path / "b.safetensors")
+    side = tmp_path / "b.safetensors.json"
+    damage(path, side)
+    before = _snapshot(tmp_path)
+    with pytest.raises(DataError, match=problem) as info:
+        BigramCounts.load(path)
+    assert str(path if named == "tensors" else side) in str(info.value)
+    assert _snapshot(tmp_path) == before
+
+
+def test_count_file_without_a_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    bc = BigramCounts.from_tokens(_stream(300, 10), 10)
+    path = bc.save(tmp_path / "b.safetensors")
+    save_file({"codes": bc.codes}, str(path))
+    with pytest.raises(DataError, match="has no tensor 'counts'") as info:
+        BigramCounts.load(path)
+    assert str(path) in str(info.value)
+
+
 # --------------------------------------------------------------------------- probabilities
 
 
@@ -207,12 +258,13 @@ def test_soft_ce_of_log_bigram_is_entropy():
     torch.testing.assert_close(ce.double(), bc.entropy(per_context=True), atol=1e-5, rtol=1e-5)
 
 
-def test_soft_ce_rejects_mismatched_shapes():
+def test_soft_ce_rejects_mismatched_shapes(unchecked):
     bc = BigramCounts.from_tokens(_stream(100, 10), 10)
-    with pytest.raises(DataError, match="expected logits of shape"):
-        bc.soft_cross_entropy(torch.zeros(2, 3, 9), torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(DataError, match="expected logits of shape"):
-        bc.soft_cross_entropy(torch.zeros(2, 4, 10), torch.zeros(2, 3, dtype=torch.long))
+    with unchecked():  # the library's own message, which users without the type checker get
+        with pytest.raises(DataError, match="expected logits of shape"):
+            bc.soft_cross_entropy(torch.zeros(2, 3, 9), torch.zeros(2, 3, dtype=torch.long))
+        with pytest.raises(DataError, match="expected logits of shape"):
+            bc.soft_cross_entropy(torch.zeros(2, 4, 10), torch.zeros(2, 3, dtype=torch.long))
 
 
 # --------------------------------------------------------------------------- surprisal, entropy

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +81,112 @@ def test_bad_corpus_input_is_explained(tmp_path):
         load_hf_text(datasets.Dataset.from_dict({"body": ["x", "y"]}))
     with pytest.raises(DataError, match="fewer than one sequence"):
         to_sequences(torch.arange(5), 10)
+
+
+# --------------------------------------------------------------------------- damaged inputs
+
+
+def _snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _raises_naming(error, path, fn, *args, match=None, **kwargs):
+    before = _snapshot(path.parent)
+    with pytest.raises(error, match=match) as info:
+        fn(*args, **kwargs)
+    assert str(path) in str(info.value)
+    assert _snapshot(path.parent) == before
+    return str(info.value)
+
+
+def test_text_files_missing_empty_or_not_utf8(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("some text\n" * 5)
+    _raises_naming(DataError, tmp_path / "missing.txt", load_text_files,
+                   [good, tmp_path / "missing.txt"], match="does not exist")
+    zero = tmp_path / "zero.txt"
+    zero.write_bytes(b"")
+    _raises_naming(DataError, zero, load_text_files, [good, zero], match="empty")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 5)
+    _raises_naming(DataError, latin, load_text_files, latin, match="not UTF-8")
+    sub = tmp_path / "folder"
+    sub.mkdir()
+    _raises_naming(DataError, sub, load_text_files, sub, match="is a directory")
+    with pytest.raises(DataError, match="No corpus files"):
+        load_text_files([])
+
+
+def test_hf_text_missing_empty_or_unreadable(tmp_path):
+    import datasets
+
+    _raises_naming(DataError, tmp_path / "nope.jsonl", load_hf_text, tmp_path / "nope.jsonl",
+                   match="does not exist")
+    _raises_naming(DataError, tmp_path / "nope", load_hf_text, str(tmp_path / "nope"),
+                   match="does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    _raises_naming(DataError, empty, load_hf_text, empty, match="is empty")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a"}\n{"text": "b\n')
+    _raises_naming(DataError, broken, load_hf_text, broken, match="Could not read dataset")
+    blank = datasets.Dataset.from_dict({"text": ["  ", None, "\n"]})
+    with pytest.raises(DataError, match="no text: column 'text' is blank in all 3 rows"):
+        load_hf_text(blank)
+    numbers = datasets.Dataset.from_dict({"text": [1, 2, 3]})
+    with pytest.raises(DataError, match="holds int values, not text"):
+        load_hf_text(numbers)
+    c = load_hf_text(datasets.Dataset.from_dict({"text": ["a b", None, "c d", "e f"]}))
+    assert c.train == ["a b", "c d"] and c.validation == ["e f"]  # None rows are blank
+
+
+def test_corrupt_tokenizer_files_are_named(tiny_tokenizer, tmp_path):
+    from interp.data.text import load_tokenizer
+    from interp.errors import ModelLoadError
+
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(str(tok_dir))
+    assert len(load_tokenizer(tok_dir)) == len(tiny_tokenizer)
+    data = (tok_dir / "tokenizer.json").read_bytes()
+    (tok_dir / "tokenizer.json").write_bytes(data[: len(data) // 3])
+    _raises_naming(ModelLoadError, tok_dir / "tokenizer.json", load_tokenizer, tok_dir,
+                   match="not valid JSON.*Delete the directory")
+    (tok_dir / "tokenizer.json").write_bytes(b"")
+    _raises_naming(ModelLoadError, tok_dir / "tokenizer.json", load_tokenizer, tok_dir,
+                   match="is empty")
+    empty_dir = tmp_path / "no-tokenizer"
+    empty_dir.mkdir()
+    (empty_dir / "notes.txt").write_text("x")
+    _raises_naming(ModelLoadError, empty_dir, load_tokenizer, empty_dir,
+                   match="holds no tokenizer")
+    _raises_naming(ModelLoadError, tmp_path / "missing", load_tokenizer, tmp_path / "missing",
+                   match="does not exist")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda b: b"",
+    lambda b: b[: len(b) // 2],
+    lambda b: b"garbage, not a zip archive",
+])
+def test_corrupt_token_cache_is_rebuilt_with_a_warning(tiny_tokenizer, tmp_path, caplog, damage):
+    from interp.data.text import Corpus
+
+    corpus = Corpus("toy", ["Fair is foul, and foul is fair.\n" * 20],
+                    ["When shall we three meet again?\n" * 5])
+    fresh = tokenize_corpus(corpus, tiny_tokenizer)
+    first = tokenize_corpus(corpus, tiny_tokenizer, cache_dir=tmp_path)
+    (cache,) = tmp_path.glob("*.npz")
+    cache.write_bytes(damage(cache.read_bytes()))
+    with caplog.at_level("WARNING", logger="interp.data.text"):
+        again = tokenize_corpus(corpus, tiny_tokenizer, cache_dir=tmp_path)
+    assert any("token cache" in r.message and cache.name in r.message for r in caplog.records)
+    for got in (first, again):
+        assert torch.equal(got.train, fresh.train)
+        assert torch.equal(got.validation, fresh.validation)
+    with np.load(cache) as z:  # rebuilt whole (bytes differ: zip entries carry a time)
+        assert np.array_equal(z["train"], fresh.train.numpy())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="interp.data.text"):
+        tokenize_corpus(corpus, tiny_tokenizer, cache_dir=tmp_path)
+    assert not caplog.records  # a good cache is used silently

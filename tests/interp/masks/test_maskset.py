@@ -527,7 +527,7 @@ def test_pickle_checks_dtype_and_old_protocols(tmp_path):
     with pytest.raises(MaskError, match="not a boolean numpy array"):
         load_paper_masks(path)
     with pytest.raises(MaskError, match=r"'w' is not a boolean numpy array \(Tensor torch.bool"):
-        MaskSet.import_paper({"w": torch.ones(2, dtype=torch.bool)}, None)
+        MaskSet.import_paper({"w": torch.ones(2, dtype=torch.bool)}, nn.Linear(2, 2))
     path.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(MaskError, match="not a dict"):
         load_paper_masks(path)

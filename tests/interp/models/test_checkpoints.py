@@ -67,3 +67,90 @@ def test_half_written_checkpoint_is_not_listed(tiny_tokenizer, tmp_path):
     (tmp_path / "step-000007.safetensors").write_bytes(b"partial")  # sidecar never written
     assert store.steps() == [3]
     assert json.loads((tmp_path / "step-000003.json").read_text())["step"] == 3
+
+
+# --------------------------------------------------------------------------- damaged stores
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _linear_store(tmp_path):
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    store = CheckpointStore(tmp_path, {"x": 1})
+    store.save(net, 1)
+    store.save(net, 2)
+    return store, net
+
+
+def _raises_naming(path, fn, match):
+    before = _snapshot(path.parent)
+    with pytest.raises(CheckpointError, match=match) as info:
+        fn()
+    assert str(path) in str(info.value)
+    assert _snapshot(path.parent) == before
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "is empty"),
+    (b'{"x": ', "not valid JSON"),
+    (b"[1]", "not a dict"),
+])
+def test_damaged_store_manifest(tmp_path, content, problem):
+    _linear_store(tmp_path)
+    (tmp_path / "store.json").write_bytes(content)
+    for identity in (None, {"x": 1}):
+        _raises_naming(tmp_path / "store.json", lambda: CheckpointStore(tmp_path, identity),
+                       problem)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "is empty"),
+    (b'{"step": 2, "rng_st', "not valid JSON"),
+    (b'{"val_loss": 1.0}', "has no 'step' entry"),
+    (b'{"step": 2, "rng_state": [1, 2, 3]}', "invalid 'rng_state'"),
+])
+def test_damaged_step_sidecar(tmp_path, content, problem):
+    from torch import nn
+
+    store, _ = _linear_store(tmp_path)
+    sidecar = tmp_path / "step-000002.json"
+    sidecar.write_bytes(content)
+    target = nn.Linear(3, 2)
+    weights = {k: v.clone() for k, v in target.state_dict().items()}
+    _raises_naming(sidecar, lambda: store.load(model=target), problem)
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in weights.items())
+    if "rng_state" not in problem:
+        _raises_naming(sidecar, lambda: store.metadata(2), problem)
+    assert store.load(1).step == 1  # the earlier checkpoint still loads
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda b: b"", "is empty"),
+    (lambda b: b[: len(b) // 2], "truncated"),
+    (lambda b: b"\x00" * 40, "truncated or not a safetensors file"),
+])
+def test_damaged_step_weights(tmp_path, damage, problem):
+    store, _ = _linear_store(tmp_path)
+    weights = tmp_path / "step-000002.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    _raises_naming(weights, lambda: store.load(), problem)
+    _raises_naming(weights, lambda: store.load(2), "Delete both step-000002 files")
+
+
+def test_optimizer_state_of_another_optimizer_is_explained(tmp_path):
+    from torch import nn
+
+    net = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    store = CheckpointStore(tmp_path, {"x": 1})
+    store.save(net, 1, optimizer=opt)
+    two = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match="does not fit this optimizer"):
+        store.load(1, optimizer=torch.optim.AdamW(two.parameters()))
