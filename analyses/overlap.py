@@ -7,29 +7,30 @@ kept, the overlap is then hypergeometric(n, k_a, k_b) with mean ``k_a k_b / n``;
 a sum of independent hypergeometrics. Its exact distribution is computed by convolving the
 per-block pmfs (each cut to where it is not negligible), giving ``P(overlap >= observed)`` and
 the mid-p value; a normal approximation and an optional Monte Carlo check come beside it.
+The same test runs within each layer (``OverlapResult.layers``): is the overlap above chance
+layer by layer? To draw a subnetwork from the null itself, use ``MaskSet.random_like`` or
+``interp.masks.random_masks``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
-import torch
-from jaxtyping import Bool
 from scipy import signal, special, stats
-from torch import Tensor
 
-from analyses._results import JSONResult
-from analyses.layout import parse_target
+from analyses.layout import Masks, Positions, aligned, kind_label, layer_label, split_masks
 from interp.errors import InterpError, MaskError
+from interp.masks.targets import Target
 from interp.plots import color_for, figure
+from interp.report import format_p
+from interp.results import Result, bulky
 
 log = logging.getLogger(__name__)
 
-Masks = Mapping[str, Bool[Tensor, "*shape"]]
 #: Per-block pmfs are cut where they fall below this fraction of their peak.
 _PMF_REL_FLOOR = 1e-40
 #: FFT convolution is accurate to ~1e-16 of the peak; values below this are noise.
@@ -38,9 +39,29 @@ _DIRECT_MAX_WORK = 2_000_000
 _MAX_SUPPORT = 50_000_000
 
 
-@dataclass
-class OverlapResult(JSONResult):
-    """Overlap of subnetworks A and B, with its expectation and p-value under the null."""
+@dataclass(repr=False)
+class LayerOverlap(Result):
+    """Overlap within one layer, against the same exact null restricted to its blocks."""
+
+    layer: int | None
+    n_weights: int
+    size_a: int
+    size_b: int
+    overlap: int
+    expected: float
+    ratio: float
+    p_value: float
+    mid_p_value: float
+
+    @property
+    def label(self) -> str:
+        return layer_label(self.layer)
+
+
+@dataclass(repr=False)
+class OverlapResult(Result):
+    """Overlap of subnetworks A and B, with its expectation and p-value under the null;
+    ``layers`` repeats the test layer by layer, ``blocks`` gives the per-block counts."""
 
     label_a: str
     label_b: str
@@ -62,30 +83,36 @@ class OverlapResult(JSONResult):
     jaccard: float | None
     mc_p_value: float | None = None
     n_permutations: int = 0
-    blocks: list[dict] = field(default_factory=list)
+    layers: list[LayerOverlap] = bulky(list)
+    blocks: list[dict] = bulky(list)
+
+    def layer_rows(self) -> list[dict]:
+        """One row per layer (for report tables)."""
+        return [{"layer": "-" if r.layer is None else r.layer, "shared": r.overlap,
+                 "expected": r.expected, "ratio": r.ratio, "p": format_p(r.p_value)}
+                for r in self.layers]
 
 
 # ---------------------------------------------------------------------- the null
 
 
-def block_counts(a: Masks, b: Masks, eligible: Masks | None = None) -> list[dict]:
-    """Per block: ``name, n, size_a, size_b, overlap, expected`` (n = eligible weights)."""
+def block_counts(a, b, eligible: Masks | None = None,
+                 targets: Sequence[Target] | Positions | None = None) -> list[dict]:
+    """Per block: ``name, layer, block, n, size_a, size_b, overlap, expected``
+    (n = eligible weights). ``a`` and ``b`` are MaskSets or plain masks on any devices;
+    counting happens on the device of A's first mask."""
+    a, eligible, positions = split_masks(a, eligible, targets)
+    b, _, _ = split_masks(b, None, positions)
     _check_same_layout(a, b)
+    device = next(iter(a.values())).device
     rows = []
     for name in a:
-        parse_target(name)
-        ma, mb = a[name].bool(), b[name].bool()
-        if eligible is not None and name in eligible:
-            elig = eligible[name].bool()
-            if elig.shape != ma.shape:
-                raise MaskError(f"Eligibility mask for {name!r} has shape {tuple(elig.shape)}, "
-                                f"but the masks have {tuple(ma.shape)}.")
-            ma, mb, n = ma & elig, mb & elig, int(elig.sum())
-        else:
-            n = ma.numel()
+        ma, n = aligned(name, a[name], device, eligible)
+        mb, _ = aligned(name, b[name], device, eligible)
         ka, kb, both = int(ma.sum()), int(mb.sum()), int((ma & mb).sum())
-        rows.append(dict(name=name, n=n, size_a=ka, size_b=kb, overlap=both,
-                         expected=ka * kb / n if n else 0.0))
+        layer, block = positions[name]
+        rows.append(dict(name=name, layer=layer, block=block, n=n, size_a=ka, size_b=kb,
+                         overlap=both, expected=ka * kb / n if n else 0.0))
     return rows
 
 
@@ -182,48 +209,51 @@ def monte_carlo_pvalue(
     return float((1 + (sims >= observed).sum()) / (1 + n_permutations))
 
 
-def shuffle_masks(masks: Masks, *, seed: int = 0, eligible: Masks | None = None
-                  ) -> dict[str, Bool[Tensor, "*shape"]]:
-    """A random subnetwork with the same kept count per block as ``masks`` (elements placed
-    uniformly among each block's eligible weights): the control for ablations and overlap."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, mask in masks.items():
-        flat = mask.bool().flatten().cpu()
-        pool = torch.arange(flat.numel())
-        if eligible is not None and name in eligible:
-            elig = eligible[name].bool().flatten().cpu()
-            flat, pool = flat & elig, pool[elig]
-        k = int(flat.sum())
-        chosen = pool[torch.randperm(pool.numel(), generator=gen)[:k]]
-        new = torch.zeros_like(flat)
-        new[chosen] = True
-        out[name] = new.view(mask.shape).to(mask.device)
-    return out
-
-
 # ---------------------------------------------------------------------- the analysis
 
 
+def layer_overlaps(rows: Sequence[dict]) -> list[LayerOverlap]:
+    """The overlap test within each layer, from :func:`block_counts` rows."""
+    out = []
+    for layer in dict.fromkeys(r["layer"] for r in rows):
+        mine = [r for r in rows if r["layer"] == layer]
+        both = sum(r["overlap"] for r in mine)
+        expected = sum(r["expected"] for r in mine)
+        p = overlap_pvalues([(r["n"], r["size_a"], r["size_b"]) for r in mine], both)
+        out.append(LayerOverlap(
+            layer=layer, n_weights=sum(r["n"] for r in mine),
+            size_a=sum(r["size_a"] for r in mine), size_b=sum(r["size_b"] for r in mine),
+            overlap=both, expected=expected,
+            ratio=both / expected if expected > 0 else float("nan"),
+            p_value=p["p_value"], mid_p_value=p["mid_p_value"]))
+    return out
+
+
 def overlap_analysis(
-    a: Masks,
-    b: Masks,
+    a,
+    b,
     *,
     label_a: str = "A",
     label_b: str = "B",
     eligible: Masks | None = None,
+    targets: Sequence[Target] | Positions | None = None,
     n_permutations: int = 0,
     seed: int = 0,
 ) -> OverlapResult:
-    """How much subnetworks A and B overlap, and how surprising that is under the null.
+    """How much subnetworks A and B overlap, overall and per layer, and how surprising that
+    is under the null.
 
     Args:
-        a, b: target name -> boolean mask (True = keep), same names and shapes.
+        a, b: MaskSets or target name -> boolean mask (True = keep), same names and shapes,
+            on any devices.
         eligible: optional weights that can be kept at all (e.g. non-zero ones); the null
-            places weights only there and ``n_weights`` counts only them.
+            places weights only there and ``n_weights`` counts only them. Default: A's
+            eligible masks when A is a MaskSet.
+        targets: where each mask sits (Targets or name -> (layer, block)); default: A's
+            targets, or parsed from the names.
         n_permutations: if > 0, also a Monte Carlo p-value from that many null draws.
     """
-    rows = block_counts(a, b, eligible)
+    rows = block_counts(a, b, eligible, targets)
     triples = [(r["n"], r["size_a"], r["size_b"]) for r in rows]
     n = sum(r["n"] for r in rows)
     ka, kb = sum(r["size_a"] for r in rows), sum(r["size_b"] for r in rows)
@@ -242,7 +272,7 @@ def overlap_analysis(
         jaccard=both / union if union else None,
         mc_p_value=(monte_carlo_pvalue(triples, both, n_permutations=n_permutations, seed=seed)
                     if n_permutations > 0 else None),
-        n_permutations=n_permutations, blocks=rows,
+        n_permutations=n_permutations, layers=layer_overlaps(rows), blocks=rows,
     )
     log.info("overlap %s/%s: %d weights (%.2fx expected %.1f), p=%.3g", label_a, label_b, both,
              result.ratio, expected, result.p_value)
@@ -254,6 +284,10 @@ def overlap_analysis(
 
 def _pair(r: OverlapResult) -> str:
     return f"{r.label_a} ∩ {r.label_b}"
+
+
+def _p_text(p: float) -> str:
+    return format_p(p).replace("p = ", "p=").replace("p < ", "p<")
 
 
 def plot_overlap(results: OverlapResult | Sequence[OverlapResult]) -> go.Figure:
@@ -268,7 +302,7 @@ def plot_overlap(results: OverlapResult | Sequence[OverlapResult]) -> go.Figure:
     fig.add_trace(go.Bar(
         x=x, y=[r.overlap_fraction for r in results], name="observed",
         marker_color=[color_for(r.label_b, i) for i, r in enumerate(results)],
-        text=[f"{r.ratio:.1f}x, p{_fmt_p(r.p_value)}" for r in results],
+        text=[f"{r.ratio:.1f}x, {_p_text(r.p_value)}" for r in results],
         textposition="outside", cliponaxis=False,
         customdata=[r.overlap for r in results],
         hovertemplate="%{x}: %{customdata:,} weights (%{y:.3%})<extra>observed</extra>",
@@ -281,28 +315,45 @@ def plot_overlap(results: OverlapResult | Sequence[OverlapResult]) -> go.Figure:
     return fig
 
 
+def plot_overlap_layers(results: OverlapResult | Sequence[OverlapResult]) -> go.Figure:
+    """Layer by layer: observed shared weights over expected under the null (ratio, log
+    scale), one line per pair, hover with counts and p-values; 1 = chance."""
+    results = [results] if isinstance(results, OverlapResult) else list(results)
+    if not results:
+        raise InterpError("Nothing to plot: pass at least one OverlapResult.")
+    fig = figure(title="Overlap per layer vs random subnetworks with the same layout",
+                 height=440, width=760)
+    for i, r in enumerate(results):
+        xs = [lo.label for lo in r.layers]
+        fig.add_trace(go.Scatter(
+            x=xs, y=[lo.ratio if lo.ratio == lo.ratio and lo.ratio > 0 else None
+                     for lo in r.layers],
+            mode="lines+markers+text", name=_pair(r),
+            line={"color": color_for(r.label_b, i)},
+            text=[_p_text(lo.p_value) for lo in r.layers], textposition="top center",
+            customdata=[[lo.overlap, lo.expected] for lo in r.layers],
+            hovertemplate="%{x}: %{customdata[0]:,} shared, %{customdata[1]:,.1f} expected "
+                          "(%{y:.2f}x)<extra>%{fullData.name}</extra>",
+        ))
+    fig.add_hline(y=1.0, line_dash="dot", annotation_text="chance")
+    fig.update_yaxes(title_text="shared / expected (x chance)", type="log")
+    fig.update_xaxes(title_text="layer", type="category")
+    return fig
+
+
 def plot_overlap_blocks(result: OverlapResult) -> go.Figure:
     """Observed vs expected overlap per block (which matrices the shared weights sit in)."""
-    names = [_short(r["name"]) for r in result.blocks]
+    names = [f"{layer_label(r['layer'])} {kind_label(r['block'])}" for r in result.blocks]
     fig = figure(title=f"Overlap per block: {_pair(result)}", barmode="group", height=480,
-                 width=max(600, 36 * len(names) + 200), margin={"b": 110})
+                 width=max(600, 36 * len(names) + 200), margin={"b": 130})
     fig.add_trace(go.Bar(x=names, y=[r["overlap"] for r in result.blocks], name="observed",
                          marker_color=color_for(result.label_b, 0)))
     fig.add_trace(go.Bar(x=names, y=[r["expected"] for r in result.blocks],
                          name="expected (null)", **_NULL_STYLE))
     fig.update_yaxes(title_text="shared weights", rangemode="tozero")
-    fig.update_xaxes(tickangle=-45)
+    fig.update_xaxes(tickangle=-45, title_text="block")
     return fig
 
 
 #: Expected (null) bars: outlined, so they differ from every subnetwork colour (grey = random).
 _NULL_STYLE = {"marker": {"color": "white", "line": {"color": "#4B5563", "width": 1.5}}}
-
-
-def _short(name: str) -> str:
-    layer, kind = parse_target(name)
-    return f"L{layer} {kind.replace('_', ' ')}"
-
-
-def _fmt_p(p: float) -> str:
-    return "<1e-14" if p < 1e-14 else f"={p:.2g}"

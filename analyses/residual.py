@@ -32,18 +32,18 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from analyses._results import JSONResult
 from interp.errors import InterpError
 from interp.plots import color_for, subplots
 from interp.probes import StreamingStats, iter_activations, residual_hook_names, ridge_from_stats
+from interp.results import Result, bulky
 
 log = logging.getLogger(__name__)
 
 TOKEN_EMBEDDING = "token_embedding"
 
 
-@dataclass
-class ResidualResult(JSONResult):
+@dataclass(repr=False)
+class ResidualResult(Result):
     """Per-layer residual-stream measurements of one model or subnetwork (index 0 = embeddings)."""
 
     label: str
@@ -58,7 +58,8 @@ class ResidualResult(JSONResult):
     cos_unembed_next: list[float]
     cos_embed_shuffled: list[float]
     cos_unembed_shuffled: list[float]
-    cov_similarity: list[list[float]]
+    cov_similarity: list[list[float]] = bulky(list)
+    eigen_rel_tol: float = 0.0
 
     @property
     def n_layers(self) -> int:
@@ -69,10 +70,14 @@ class ResidualResult(JSONResult):
 
 
 def rotation_angles(
-    weight: Float[Tensor, "d d"], *, rel_tol: float = 1e-8
+    weight: Float[Tensor, "d d"], *, rel_tol: float = 0.0
 ) -> Float[np.ndarray, " k"]:
-    """``|arg(eigenvalue)|`` in degrees of a square map, skipping eigenvalues ~0 (whose angle
-    is numerical noise: a map that drops a direction does not rotate it)."""
+    """``|arg(eigenvalue)|`` in degrees of a square map: every eigenvalue, as the paper.
+
+    ``rel_tol > 0`` skips eigenvalues whose magnitude is below ``rel_tol`` x the largest:
+    their angle is numerical noise (a map that drops a direction does not rotate it), so a
+    map of low rank otherwise gets a median driven by noise. Off by default to match the
+    paper's statistic; ``residual_analysis(..., eigen_rel_tol=1e-8)`` turns it on."""
     w = weight.detach().to("cpu", torch.float64).numpy()
     if w.ndim != 2 or w.shape[0] != w.shape[1]:
         raise InterpError(f"Rotation needs a square map; got shape {tuple(w.shape)}.")
@@ -82,9 +87,9 @@ def rotation_angles(
     return np.degrees(np.abs(np.angle(eig[keep])))
 
 
-def median_rotation(weight: Float[Tensor, "d d"]) -> float:
+def median_rotation(weight: Float[Tensor, "d d"], *, rel_tol: float = 0.0) -> float:
     """Median ``|arg(eigenvalue)|`` in degrees (the paper's per-layer summary)."""
-    return float(np.median(rotation_angles(weight)))
+    return float(np.median(rotation_angles(weight, rel_tol=rel_tol)))
 
 
 def covariance_similarity(
@@ -138,7 +143,7 @@ def _shuffled(tokens: Int[Tensor, "batch pos"], gen: torch.Generator) -> Int[Ten
 
 def residual_analysis(
     model,
-    batches: Iterable[Int[Tensor, "batch pos"]],
+    batches: Iterable[Int[Tensor, "_batch _pos"]],
     *,
     label: str = "full",
     alpha: float = 1.0,
@@ -147,6 +152,7 @@ def residual_analysis(
     device: str | torch.device | None = None,
     progress: bool = True,
     seed: int = 0,
+    eigen_rel_tol: float = 0.0,
 ) -> ResidualResult:
     """Rotation, cosine and covariance views of the residual stream over token batches.
 
@@ -161,6 +167,8 @@ def residual_analysis(
             (e.g. 1 to drop a BOS position with outlier norms); 0 keeps all, as the paper.
         device: where the model runs and the statistics accumulate (float64).
         seed: for the shuffled-token baselines.
+        eigen_rel_tol: drop eigenvalues below this fraction of the largest before the median
+            rotation (0: all of them, the paper's statistic; see :func:`rotation_angles`).
 
     The ridge penalty is absolute, not relative to activation scale: with few tokens or tiny
     activations (n * variance not >> alpha) the maps shrink toward zero; ``r2_to_*`` shows it.
@@ -200,11 +208,12 @@ def residual_analysis(
             for key, target in targets.items():
                 x = x_all if key.startswith("cur") else x_next
                 cos.add(key, i, F.cosine_similarity(x, target.to(x), dim=-1))
-    return _result_from(stats, cos, names, label=label, alpha=alpha)
+    return _result_from(stats, cos, names, label=label, alpha=alpha, rel_tol=eigen_rel_tol)
 
 
 def _result_from(
-    stats: StreamingStats, cos: _CosineSums, names: list[str], *, label: str, alpha: float
+    stats: StreamingStats, cos: _CosineSums, names: list[str], *, label: str, alpha: float,
+    rel_tol: float,
 ) -> ResidualResult:
     fits_in = [ridge_from_stats(stats, h, TOKEN_EMBEDDING, alpha=alpha) for h in names]
     fits_out = [ridge_from_stats(stats, h, names[-1], alpha=alpha) for h in names]
@@ -214,8 +223,8 @@ def _result_from(
         layers=names,
         n_tokens=stats.n,
         alpha=float(alpha),
-        rotation_to_input=[median_rotation(f.weight) for f in fits_in],
-        rotation_to_output=[median_rotation(f.weight) for f in fits_out],
+        rotation_to_input=[median_rotation(f.weight, rel_tol=rel_tol) for f in fits_in],
+        rotation_to_output=[median_rotation(f.weight, rel_tol=rel_tol) for f in fits_out],
         r2_to_input=[f.r2 for f in fits_in],
         r2_to_output=[f.r2 for f in fits_out],
         cos_embed_current=cos.means("cur"),
@@ -223,6 +232,7 @@ def _result_from(
         cos_embed_shuffled=cos.means("cur_shuf"),
         cos_unembed_shuffled=cos.means("next_shuf"),
         cov_similarity=[[float(v) for v in row] for row in sim],
+        eigen_rel_tol=float(rel_tol),
     )
     log.info("residual analysis %r over %d tokens: rotation to input %s, to output %s", label,
              stats.n, _fmt(result.rotation_to_input), _fmt(result.rotation_to_output))

@@ -20,10 +20,11 @@ The network is whatever ``model`` computes: the full model, or a subnetwork when
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import plotly.graph_objects as go
 import torch
@@ -31,48 +32,58 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analyses._results import JSONResult
 from interp.data.bigram import BigramCounts
 from interp.errors import InterpError
 from interp.models.lm import resolve_device
+from interp.results import Result, bulky
 
-__all__ = ["SufficiencyResult", "model_surprisal", "pearson", "plot_sufficiency", "sufficiency"]
+__all__ = ["SufficiencyResult", "model_surprisal", "pearson", "plot_sufficiency",
+           "plot_sufficiency_r", "sufficiency"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SufficiencyResult(JSONResult):
+@dataclass(repr=False)
+class SufficiencyResult(Result):
     """Surprisal correlations and cross-entropy of one network against the bigram model.
 
     Attributes:
-        surprisal_r: Pearson r over tokens whose bigram was seen (headline).
-        surprisal_r_smoothed: Pearson r over all tokens, bigram smoothed toward the unigram.
+        surprisal_r: Pearson r over tokens with a finite bigram surprisal (headline; the
+            paper's drop-infinite variant).
+        surprisal_r_capped: Pearson r over all tokens, infinite surprisals capped at the
+            largest finite one (the paper's other variant); ``cap`` is that value.
+        surprisal_r_smoothed: Pearson r over all tokens, bigram smoothed toward the unigram
+            (this project's variant).
         ce_to_bigram: mean cross-entropy (nats) to the bigram distribution, all positions.
         kl_to_bigram: ``ce_to_bigram`` minus the mean bigram entropy at those positions.
-        n_tokens: scored next-token predictions; ``n_seen`` of them had a seen bigram,
+        n_tokens: scored next-token predictions; ``n_finite`` of them had a finite bigram
+            surprisal (the headline's tokens), ``n_seen`` a bigram seen in the counts,
             ``n_smoothed`` a finite smoothed surprisal.
         mean_surprisal: the network's mean surprisal over all tokens (its LM loss).
-        sample_model, sample_bigram: the first ``n_sample`` seen-token surprisal pairs (for
-            a scatter plot; empty unless asked for).
+        sample_model, sample_bigram: the first ``n_sample`` finite surprisal pairs (for a
+            scatter plot; empty unless asked for).
     """
 
     surprisal_r: float
+    surprisal_r_capped: float
     surprisal_r_smoothed: float
     ce_to_bigram: float
     kl_to_bigram: float
     n_tokens: int
+    n_finite: int
     n_seen: int
     n_smoothed: int
     mean_surprisal: float
+    cap: float = math.nan
     smoothing: float = 0.01
-    headline: str = "seen"
-    sample_model: list[float] = field(default_factory=list)
-    sample_bigram: list[float] = field(default_factory=list)
+    headline: str = "drop_infinite"
+    sample_model: list[float] = bulky(list)
+    sample_bigram: list[float] = bulky(list)
 
     @property
-    def seen_fraction(self) -> float:
-        return self.n_seen / self.n_tokens if self.n_tokens else math.nan
+    def finite_fraction(self) -> float:
+        """Share of tokens the headline r scores."""
+        return self.n_finite / self.n_tokens if self.n_tokens else math.nan
 
 
 # --------------------------------------------------------------------------- streaming Pearson
@@ -131,7 +142,7 @@ def model_surprisal(
 def sufficiency(
     model,
     counts: BigramCounts,
-    batches: Iterable[Int[Tensor, "batch pos"]],
+    batches: Iterable[Int[Tensor, "_batch _pos"]],
     *,
     maskset=None,
     smoothing: float = 0.01,
@@ -148,8 +159,8 @@ def sufficiency(
         batches: ``[batch, pos]`` token tensors of held-out text.
         maskset: if given, evaluated as ``maskset.applied(model, mode="keep")`` (the
             subnetwork alone); otherwise the model as it is.
-        smoothing: unigram weight of the smoothed variant (0.01 in the paper).
-        n_sample: keep this many (model, bigram) surprisal pairs of seen tokens for plots.
+        smoothing: unigram weight of this project's smoothed variant.
+        n_sample: keep this many (model, bigram) finite surprisal pairs for plots.
         max_batches: stop after this many batches.
     """
     if maskset is not None:
@@ -158,15 +169,18 @@ def sufficiency(
                                max_batches=max_batches, device=device, progress=progress)
     if counts.interpolate != 0.0:
         raise InterpError(
-            "sufficiency needs raw bigram counts (interpolate=0) for the headline 'seen' "
+            "sufficiency needs raw bigram counts (interpolate=0) for the headline drop-infinite "
             "variant; pass the counts as counted and set smoothing= for the smoothed one."
         )
     dev = resolve_device(model, device)
     raw, smooth = counts.to(dev), counts.smoothed(smoothing).to(dev)
     h_context = raw.entropy(per_context=True).to(dev)
-    seen_r, smooth_r = _Pearson(), _Pearson()
+    finite_r, smooth_r = _Pearson(), _Pearson()
+    # model surprisals of infinite-bigram tokens: paired with the cap once it is known
+    infinite_model: list[Tensor] = []
+    cap = -math.inf
     ce_sum = h_sum = loss_sum = 0.0
-    n_pos = n_tok = n_smoothed = 0
+    n_pos = n_tok = n_smoothed = n_seen = 0
     sample_m: list[float] = []
     sample_b: list[float] = []
     was_training = getattr(model, "training", False)
@@ -186,8 +200,12 @@ def sufficiency(
             logits = model(tokens)
             s_model = model_surprisal(logits, tokens)
             s_raw, s_smooth = raw.surprisal(tokens), smooth.surprisal(tokens)
-            seen = raw.seen(tokens)
-            seen_r.update(s_model[seen], s_raw[seen])
+            ok = torch.isfinite(s_raw)
+            finite_r.update(s_model[ok], s_raw[ok])
+            infinite_model.append(s_model[~ok].cpu())
+            if bool(ok.any()):
+                cap = max(cap, float(s_raw[ok].max()))
+            n_seen += int(raw.seen(tokens).sum())
             finite = torch.isfinite(s_smooth)
             smooth_r.update(s_model[finite], s_smooth[finite])
             ce_sum += float(raw.soft_cross_entropy(logits, tokens).double().sum())
@@ -198,22 +216,28 @@ def sufficiency(
             n_smoothed += int(finite.sum())
             if len(sample_m) < n_sample:
                 take = n_sample - len(sample_m)
-                sample_m += s_model[seen][:take].tolist()
-                sample_b += s_raw[seen][:take].tolist()
+                sample_m += s_model[ok][:take].tolist()
+                sample_b += s_raw[ok][:take].tolist()
     finally:
         if hasattr(model, "train"):
             model.train(was_training)
     if n_tok == 0:
         raise InterpError("sufficiency got no batches; pass held-out [batch, pos] token tensors.")
     ce = ce_sum / n_pos
+    capped_r = copy.deepcopy(finite_r)
+    inf_model = torch.cat(infinite_model) if infinite_model else torch.zeros(0)
+    if inf_model.numel() and math.isfinite(cap):
+        capped_r.update(inf_model, torch.full_like(inf_model, cap, dtype=torch.float64))
     result = SufficiencyResult(
-        surprisal_r=seen_r.r, surprisal_r_smoothed=smooth_r.r, ce_to_bigram=ce,
-        kl_to_bigram=ce - h_sum / n_pos, n_tokens=n_tok, n_seen=seen_r.n, n_smoothed=n_smoothed,
-        mean_surprisal=loss_sum / n_tok, smoothing=smoothing, sample_model=sample_m,
-        sample_bigram=sample_b,
+        surprisal_r=finite_r.r, surprisal_r_capped=capped_r.r if math.isfinite(cap) else math.nan,
+        surprisal_r_smoothed=smooth_r.r, ce_to_bigram=ce, kl_to_bigram=ce - h_sum / n_pos,
+        n_tokens=n_tok, n_finite=finite_r.n, n_seen=n_seen, n_smoothed=n_smoothed,
+        mean_surprisal=loss_sum / n_tok, cap=cap if math.isfinite(cap) else math.nan,
+        smoothing=smoothing, sample_model=sample_m, sample_bigram=sample_b,
     )
-    log.info("sufficiency: r=%.4f (seen, %d of %d tokens), r_smoothed=%.4f, CE to bigram %.4f",
-             result.surprisal_r, result.n_seen, n_tok, result.surprisal_r_smoothed, ce)
+    log.info("sufficiency: r=%.4f (drop-infinite, %d of %d tokens), r_capped=%.4f, "
+             "r_smoothed=%.4f, CE to bigram %.4f", result.surprisal_r, result.n_finite, n_tok,
+             result.surprisal_r_capped, result.surprisal_r_smoothed, ce)
     return result
 
 
@@ -221,13 +245,14 @@ def sufficiency(
 
 
 def plot_sufficiency(results: dict[str, SufficiencyResult]) -> go.Figure:
-    """Scatter of network vs bigram surprisal (seen tokens), one trace per labelled result.
+    """Scatter of network vs bigram surprisal (finite ones), one trace per labelled result.
 
     Needs results computed with ``n_sample > 0``.
     """
     from interp.plots import color_for, figure
 
-    fig = figure(title="Sufficiency: network vs bigram surprisal (held-out, seen bigrams)",
+    fig = figure(title="Sufficiency: network vs bigram surprisal (held-out, finite bigram "
+                       "surprisal)",
                  xaxis_title="bigram surprisal (nats)", yaxis_title="network surprisal (nats)")
     for i, (label, res) in enumerate(results.items()):
         if not res.sample_model:
@@ -243,4 +268,33 @@ def plot_sufficiency(results: dict[str, SufficiencyResult]) -> go.Figure:
     top = max(max(r.sample_bigram + r.sample_model) for r in results.values())
     fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="y = x",
                              line={"color": "#6B7280", "dash": "dot"}))
+    return fig
+
+
+def plot_sufficiency_r(results: dict[str, SufficiencyResult | dict]) -> go.Figure:
+    """Bars: each network's surprisal r against the bigram model, headline (drop-infinite)
+    beside the capped variant; hover shows how many tokens each scored."""
+    from interp.plots import color_for, figure
+
+    if not results:
+        raise InterpError("Nothing to plot: pass {label: SufficiencyResult}.")
+    res = {k: v if isinstance(v, SufficiencyResult) else SufficiencyResult.from_dict(v)
+           for k, v in results.items()}
+    labels = list(res)
+    fig = figure(title="Sufficiency: surprisal correlation with the bigram model",
+                 yaxis_title="Pearson r (held-out tokens)", xaxis_title="network",
+                 barmode="group")
+    fig.add_trace(go.Bar(
+        x=labels, y=[r.surprisal_r for r in res.values()], name="drop-infinite (headline)",
+        marker_color=[color_for(x, i) for i, x in enumerate(labels)],
+        text=[f"{r.surprisal_r:.3f}" for r in res.values()], textposition="outside",
+        customdata=[[r.n_finite, r.n_tokens] for r in res.values()],
+        hovertemplate="%{x}: r = %{y:.3f} over %{customdata[0]:,} of %{customdata[1]:,} "
+                      "tokens<extra>drop-infinite</extra>"))
+    fig.add_trace(go.Bar(
+        x=labels, y=[r.surprisal_r_capped for r in res.values()], name="capped (all tokens)",
+        marker={"color": "white", "line": {"color": "#4B5563", "width": 1.5}},
+        hovertemplate="%{x}: r = %{y:.3f}<extra>capped</extra>"))
+    fig.update_yaxes(range=[min(0.0, *[r.surprisal_r_capped for r in res.values()
+                                       if r.surprisal_r_capped == r.surprisal_r_capped]), 1.08])
     return fig

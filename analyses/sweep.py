@@ -10,44 +10,37 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import plotly.graph_objects as go
 
-from analyses._results import JSONResult
 from interp.errors import InterpError
-from interp.io import read_json, write_json
+from interp.results import Result, bulky
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SweepEntry(JSONResult):
+@dataclass(repr=False)
+class SweepEntry(Result):
     """One trained subnetwork of the sweep and its evaluation."""
 
     lam: float
     active_fraction: float
     surprisal_r: float
     path: str
-    metrics: dict = field(default_factory=dict)
-    fit: dict = field(default_factory=dict)
+    metrics: dict = bulky(dict)
+    fit: dict = bulky(dict)
 
 
-@dataclass
-class SweepResult(JSONResult):
+@dataclass(repr=False)
+class SweepResult(Result):
     """All entries (ascending lambda) and the selected one."""
 
     entries: list[SweepEntry]
     selected_lambda: float
     tolerance: float = 0.04
     metric: str = "surprisal_r"
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SweepResult:
-        entries = [SweepEntry.from_dict(e) for e in data["entries"]]
-        return cls(entries, data["selected_lambda"], data.get("tolerance", 0.04),
-                   data.get("metric", "surprisal_r"))
 
     @property
     def selected(self) -> SweepEntry:
@@ -56,7 +49,7 @@ class SweepResult(JSONResult):
     def rows(self) -> list[dict]:
         return [
             {"lambda": e.lam, "active %": 100 * e.active_fraction, "r": e.surprisal_r,
-             "r smoothed": e.metrics.get("surprisal_r_smoothed", float("nan")),
+             "r capped": e.metrics.get("surprisal_r_capped", float("nan")),
              "CE to bigram": e.metrics.get("ce_to_bigram", float("nan")),
              "steps": e.fit.get("steps", ""), "stopped by": e.fit.get("stopped_reason", ""),
              "selected": "yes" if e.lam == self.selected_lambda else ""}
@@ -69,7 +62,10 @@ def select_lambda(entries: Sequence[SweepEntry], tolerance: float = 0.04) -> flo
     if not entries:
         raise InterpError("select_lambda needs at least one sweep entry; pass lambdas.")
     base = min(entries, key=lambda e: e.lam)
-    ok = [e for e in entries if e.surprisal_r >= base.surprisal_r - tolerance]
+    # a relative slack, so r exactly `tolerance` below the base counts despite float rounding
+    # (0.40 - 0.04 is 0.36000000000000004)
+    floor = base.surprisal_r - tolerance - 1e-12 * max(1.0, abs(base.surprisal_r))
+    ok = [e for e in entries if e.surprisal_r >= floor]
     return min(ok, key=lambda e: (e.active_fraction, -e.lam)).lam
 
 
@@ -102,8 +98,8 @@ def lambda_sweep(
     for lam in sorted(lambdas):
         stem = f"{prefix}-lam{lam_tag(lam)}"  # may contain a dot (0.5): never use with_suffix
         record = out_dir / f"{stem}.eval.json"
-        if record.is_file():
-            entry = SweepEntry.from_dict(read_json(record))
+        if record.is_file() and (out_dir / f"{stem}.safetensors").is_file():
+            entry = SweepEntry.load(record)
             log.info("reusing %s (r=%.3f)", stem, entry.surprisal_r)
         else:
             maskset, fit_info = train(lam)
@@ -111,7 +107,7 @@ def lambda_sweep(
             metrics = evaluate(maskset)
             entry = SweepEntry(lam, metrics.pop("active_fraction"), metrics.pop("surprisal_r"),
                                str(Path(path).name), metrics, fit_info)
-            write_json(record, entry.to_dict())  # written last: marks the lambda finished
+            entry.save(record)  # written last: marks the lambda finished
         entries.append(entry)
     return SweepResult(entries, select_lambda(entries, tolerance), tolerance)
 

@@ -1,24 +1,29 @@
-"""The stages of the bigram study, each reusing its artifacts in the run directory.
+"""The stages of the bigram study as one ordered table, each reusing its artifacts.
 
-Kept apart from :mod:`analyses.studies.bigram` (config, orchestration, result) so each stage
-is a short function a notebook user can read and call alone with a :class:`StudyContext`.
+Kept apart from :mod:`analyses.studies.bigram` (orchestration, result) and
+:mod:`analyses.studies._bigram_report` (figures, report) so each stage is a short function a
+notebook user can read and call alone with a :class:`StudyContext`. Every subnetwork of a run
+is trained with one recipe and one budget (:func:`fit_subnetwork`), at every LM checkpoint too.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from analyses import ablation, layout, overlap, residual, sufficiency, sweep
 from analyses import checkpoints as ckpt_analysis
+from analyses.studies._bigram_config import BigramStudyConfig, model_kind
 from analyses.studies.common import load_corpus_and_tokenizer
 from interp.data.bigram import BigramCounts
-from interp.data.text import iterate_batches, to_sequences
+from interp.data.text import Corpus, TokenizedCorpus, iterate_batches, to_sequences
 from interp.io import read_json, write_json
-from interp.masks import ContinuousSparsification, MaskSet, fit_masks
+from interp.masks import ContinuousSparsification, FitResult, MaskSet, fit_masks
 from interp.models.checkpoints import CheckpointStore
 from interp.models.lm import PRESETS, TrainConfig, build_lm, load_hf_lm, train_lm
 from interp.objectives import BigramObjective, SelfDistillationObjective
@@ -26,18 +31,19 @@ from interp.objectives import BigramObjective, SelfDistillationObjective
 log = logging.getLogger(__name__)
 
 GENERATION_PROMPT = "KING:\nWhat say you"
+_FIX = "Delete it to recompute it (the stage reruns), or rerun with a new --out."
 
 
 @dataclass
 class StudyContext:
     """What the stages share: the config, the run directory and what earlier stages built."""
 
-    cfg: object
+    cfg: BigramStudyConfig
     out: Path
-    corpus: object = None
-    tokenizer: object = None
-    tokens: object = None
-    model: object = None
+    corpus: Corpus | None = None
+    tokenizer: object = None  # an HF PreTrainedTokenizerFast
+    tokens: TokenizedCorpus | None = None
+    model: torch.nn.Module | None = None  # a TransformerBridge
     store: CheckpointStore | None = None
     lm_info: dict = field(default_factory=dict)
     counts: BigramCounts | None = None
@@ -54,21 +60,25 @@ class StudyContext:
 
     @property
     def is_preset(self) -> bool:
-        return self.cfg.model in PRESETS
+        return model_kind(self.cfg.model) == "preset"
 
-    def eval_sequences(self) -> torch.Tensor:
+    def eval_sequences(self) -> Tensor:
         seqs = to_sequences(self.tokens.validation, self.cfg.seq_len)
         return seqs[: self.cfg.eval_sequences]
 
-    def eval_batches(self, n_sequences: int | None = None) -> list[torch.Tensor]:
+    def eval_batches(self, n_sequences: int | None = None) -> list[Tensor]:
         seqs = self.eval_sequences() if n_sequences is None else to_sequences(
             self.tokens.validation, self.cfg.seq_len)[:n_sequences]
         return list(seqs.split(self.cfg.mask_batch))
 
-    def train_batches(self, seed: int):
+    def train_batches(self, seed: int) -> Iterator[Tensor]:
         """A fresh, seeded, endless stream of training batches for mask fitting."""
         return iterate_batches(self.tokens.train, self.cfg.mask_batch, self.cfg.seq_len,
                                seed=seed)
+
+
+def _read(path: Path) -> dict:
+    return read_json(path, what="Study artifact", fix=_FIX)
 
 
 # --------------------------------------------------------------------------- data and model
@@ -76,9 +86,7 @@ class StudyContext:
 
 def prepare_data(ctx: StudyContext) -> None:
     cfg = ctx.cfg
-    tokenizer_spec = None
-    if not ctx.is_preset:  # an HF model brings its own tokenizer
-        tokenizer_spec = cfg.model
+    tokenizer_spec = None if ctx.is_preset else cfg.model  # an HF model brings its tokenizer
     ctx.corpus, ctx.tokenizer, ctx.tokens = load_corpus_and_tokenizer(
         cfg.corpus, cfg.vocab_size, ctx.out, tokenizer_spec)
 
@@ -90,30 +98,36 @@ def _lm_identity(ctx: StudyContext) -> dict:
             "train": _train_config(cfg).__dict__}
 
 
-def _train_config(cfg) -> TrainConfig:
+def _train_config(cfg: BigramStudyConfig) -> TrainConfig:
     return TrainConfig(steps=cfg.lm_steps, batch_size=cfg.lm_batch, seq_len=cfg.seq_len,
                        lr=cfg.lm_lr, checkpoint_every=cfg.lm_checkpoint_every,
                        eval_every=cfg.lm_checkpoint_every, seed=cfg.seed,
                        warmup_steps=min(100, cfg.lm_steps // 10))
 
 
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def prepare_model(ctx: StudyContext) -> None:
     """Train the preset LM with checkpoints (resuming), or load the HF model."""
     cfg = ctx.cfg
     if not ctx.is_preset:
-        ctx.model = load_hf_lm(cfg.model, device=cfg.device, tokenizer=ctx.tokenizer)
+        ctx.model = _frozen(load_hf_lm(cfg.model, device=cfg.device, tokenizer=ctx.tokenizer))
         ctx.lm_info = {"source": cfg.model}
         return
     ctx.store = CheckpointStore(ctx.out / "lm", _lm_identity(ctx))
     ctx.model = build_lm(cfg.model, ctx.tokenizer, seed=cfg.seed, device=cfg.device)
     result = train_lm(ctx.model, ctx.tokens.train, ctx.tokens.validation, _train_config(cfg),
                       store=ctx.store, device=cfg.device)
-    ctx.model.eval()
+    _frozen(ctx.model)
     ctx.lm_info = {"source": f"preset {cfg.model}", "steps": result.steps,
                    "val_loss": result.val_loss, "resumed_from": result.resumed_from,
-                   "steps_per_second": result.steps_per_second or None}
-    for p in ctx.model.parameters():
-        p.requires_grad_(False)
+                   "steps_per_second": result.steps_per_second or None,
+                   "epochs": result.epochs, "overfit_step": result.overfit_step}
 
 
 def prepare_counts(ctx: StudyContext) -> None:
@@ -130,23 +144,34 @@ def prepare_counts(ctx: StudyContext) -> None:
 # --------------------------------------------------------------------------- subnetworks
 
 
-def _fit(ctx: StudyContext, model, objective_factory, lam: float, steps: int, seed: int,
-         name: str) -> tuple[MaskSet, dict]:
+def fit_subnetwork(
+    ctx: StudyContext, model: torch.nn.Module,
+    objective_factory: Callable[[MaskSet], Callable], lam: float, name: str,
+) -> tuple[MaskSet, dict]:
+    """Train one subnetwork of ``model`` with the run's recipe (lr, temperature schedule,
+    step budget, batch, spike retries, seed): the same procedure for every subnetwork."""
     cfg = ctx.cfg
     ms = MaskSet.for_model(model, kind=ContinuousSparsification(
-        temperature_factor=cfg.temperature_factor), seed=seed)
-    result = fit_masks(model, ms, objective_factory(ms), ctx.train_batches(seed), lam=lam,
-                       lr=cfg.mask_lr, max_steps=steps, device=cfg.device, seed=seed)
+        temperature_factor=cfg.temperature_factor), seed=cfg.seed)
+    result: FitResult = fit_masks(
+        model, ms, objective_factory(ms), ctx.train_batches, lam=lam, lr=cfg.mask_lr,
+        max_steps=cfg.mask_steps, device=cfg.device, seed=cfg.seed,
+        spike_retries=cfg.spike_retries)
     ms.metadata.update({"objective": name, "lambda": lam, "steps": result.steps,
-                        "stopped_reason": result.stopped_reason})
+                        "stopped_reason": result.stopped_reason, "recipe": cfg.recipe})
     info = {"steps": result.steps, "stopped_reason": result.stopped_reason,
-            "spike": result.spike, "seconds": round(result.seconds, 1),
+            "spike": result.spike, "attempts": result.attempts,
+            "seconds": round(result.seconds, 1),
             "final_task_loss": result.final.get("task_loss")}
     return ms, info
 
 
+def _bigram_objective(ctx: StudyContext) -> Callable[[MaskSet], Callable]:
+    return lambda ms: BigramObjective(ctx.counts)
+
+
 def _sufficiency(ctx: StudyContext, model, ms: MaskSet | None) -> dict:
-    """Surprisal r (seen and smoothed) and CE to the bigram model, for a subnetwork or not."""
+    """Surprisal r (all variants) and CE to the bigram model, for a subnetwork or not."""
     res = sufficiency.sufficiency(model, ctx.counts, ctx.eval_batches(), maskset=ms,
                                   progress=False)
     return res.to_dict()
@@ -155,33 +180,30 @@ def _sufficiency(ctx: StudyContext, model, ms: MaskSet | None) -> dict:
 def run_sweep(ctx: StudyContext) -> None:
     cfg = ctx.cfg
 
-    def train(lam):
-        return _fit(ctx, ctx.model, lambda ms: BigramObjective(ctx.counts), lam, cfg.mask_steps,
-                    cfg.seed, "bigram")
+    def train(lam: float) -> tuple[MaskSet, dict]:
+        return fit_subnetwork(ctx, ctx.model, _bigram_objective(ctx), lam, "bigram")
 
-    def evaluate(ms):
-        suff = _sufficiency(ctx, ctx.model, ms)
-        return {"active_fraction": ms.active_fraction(), **suff}
+    def evaluate(ms: MaskSet) -> dict:
+        return {"active_fraction": ms.active_fraction(), **_sufficiency(ctx, ctx.model, ms)}
 
     ctx.sweep = sweep.lambda_sweep(cfg.lambdas, train, evaluate, ctx.masks_dir, prefix="bigram",
                                    load=MaskSet.load, tolerance=cfg.tolerance)
     path = ctx.out / "sweep.json"
-    if not path.is_file() or read_json(path) != ctx.sweep.to_dict():
-        write_json(path, ctx.sweep.to_dict())
+    if not path.is_file() or _read(path) != ctx.sweep.to_dict():
+        ctx.sweep.save(path)
     ctx.bigram = MaskSet.load(ctx.masks_dir / ctx.sweep.selected.path)
     ctx.random = ctx.bigram.random_like(seed=cfg.seed + 1000)
 
 
 def fit_optimal(ctx: StudyContext) -> None:
     """The optimal-pruning (self-distillation) subnetwork at the selected lambda."""
-    cfg = ctx.cfg
     lam = ctx.sweep.selected_lambda
     path = ctx.masks_dir / f"optimal-lam{sweep.lam_tag(lam)}.safetensors"
     if path.is_file():
         ctx.optimal = MaskSet.load(path)
         return
-    ctx.optimal, info = _fit(ctx, ctx.model, SelfDistillationObjective, lam, cfg.mask_steps,
-                             cfg.seed, "self_distillation")
+    ctx.optimal, info = fit_subnetwork(ctx, ctx.model, SelfDistillationObjective, lam,
+                                       "self_distillation")
     ctx.optimal.metadata["fit"] = info
     ctx.optimal.save(path)
 
@@ -190,19 +212,16 @@ def run_controls(ctx: StudyContext) -> None:
     """The paper's cheap controls: the embeddings alone, and a random-init model's subnetwork."""
     cfg = ctx.cfg
     path = ctx.out / "controls.json"
-    controls = read_json(path) if path.is_file() else {}
+    controls = _read(path) if path.is_file() else {}
     if "embeddings_only" not in controls:
-        empty = MaskSet.empty(ctx.model)
-        controls["embeddings_only"] = _sufficiency(ctx, ctx.model, empty)
+        controls["embeddings_only"] = _sufficiency(ctx, ctx.model, MaskSet.empty(ctx.model))
         write_json(path, controls)
     if cfg.random_init_control and ctx.is_preset and "random_init" not in controls:
-        rand_model = build_lm(cfg.model, ctx.tokenizer, seed=cfg.seed + 1, device=cfg.device)
-        rand_model.eval()
-        for p in rand_model.parameters():
-            p.requires_grad_(False)
+        rand_model = _frozen(build_lm(cfg.model, ctx.tokenizer, seed=cfg.seed + 1,
+                                      device=cfg.device))
         lam = ctx.sweep.selected_lambda
-        ms, info = _fit(ctx, rand_model, lambda m: BigramObjective(ctx.counts), lam,
-                        cfg.mask_steps, cfg.seed, "bigram_random_init")
+        ms, info = fit_subnetwork(ctx, rand_model, _bigram_objective(ctx), lam,
+                                  "bigram_random_init")
         controls["random_init"] = {"lambda": lam, "active_fraction": ms.active_fraction(),
                                    "full_model": _sufficiency(ctx, rand_model, None),
                                    "subnetwork": _sufficiency(ctx, rand_model, ms), "fit": info}
@@ -217,27 +236,24 @@ def evaluate(ctx: StudyContext) -> None:
     """Sufficiency of every network, necessity (ablation), layout, overlap, generations."""
     path = ctx.out / "evaluation.json"
     if path.is_file():
-        ctx.results.update(read_json(path))
+        ctx.results.update(_read(path))
         return
     model, batches = ctx.model, ctx.eval_batches()
     res = {"sufficiency": {
         "full": _sufficiency(ctx, model, None),
-        "bigram": ctx.sweep.selected.metrics | {"surprisal_r": ctx.sweep.selected.surprisal_r},
+        "bigram": _sufficiency(ctx, model, ctx.bigram),
         "optimal": _sufficiency(ctx, model, ctx.optimal),
         "random": _sufficiency(ctx, model, ctx.random),
     }}
     res["ablation"] = ablation.necessity(
         model, batches, {"bigram": ctx.bigram, "random": ctx.random, "optimal": ctx.optimal},
         progress=False).to_dict()
-    bigram_masks, optimal_masks = ctx.bigram.hard_masks(), ctx.optimal.hard_masks()
-    eligible = ctx.bigram.eligible_masks()
-    res["layout"] = {name: layout.layout_analysis(ms.hard_masks(), label=name,
-                                                  eligible=eligible).to_dict()
+    res["layout"] = {name: layout.layout_analysis(ms, label=name).to_dict()
                      for name, ms in (("bigram", ctx.bigram), ("optimal", ctx.optimal),
                                       ("random", ctx.random))}
     res["overlap"] = overlap.overlap_analysis(
-        bigram_masks, optimal_masks, label_a="bigram", label_b="optimal", eligible=eligible,
-        n_permutations=2000, seed=ctx.cfg.seed).to_dict()
+        ctx.bigram, ctx.optimal, label_a="bigram", label_b="optimal", n_permutations=2000,
+        seed=ctx.cfg.seed).to_dict()
     res["generation"] = ablation.generations(model, GENERATION_PROMPT, {"bigram": ctx.bigram},
                                              max_new_tokens=40, seed=ctx.cfg.seed).to_dict()
     write_json(path, res)
@@ -248,7 +264,7 @@ def residual_stream(ctx: StudyContext) -> None:
     """Residual stream views for the full model, the bigram and the random subnetwork."""
     path = ctx.out / "residual.json"
     if path.is_file():
-        ctx.results["residual"] = read_json(path)
+        ctx.results["residual"] = _read(path)
         return
     batches = ctx.eval_batches(ctx.cfg.residual_sequences)
     out = {"full": residual.residual_analysis(ctx.model, batches, label="full model",
@@ -262,7 +278,10 @@ def residual_stream(ctx: StudyContext) -> None:
 
 
 def across_checkpoints(ctx: StudyContext) -> None:
-    """A bigram subnetwork on earlier checkpoints of the LM run (presets only)."""
+    """A bigram subnetwork at the selected λ on each LM checkpoint (presets only), trained
+    with the run's recipe and budget at every checkpoint; consecutive subnetworks compared
+    layer by layer. The final checkpoint is the analysed model, whose subnetwork the sweep
+    already trained with that same recipe, budget and seed, so it is reused, not refitted."""
     cfg = ctx.cfg
     if ctx.store is None:
         ctx.results["checkpoints"] = None
@@ -271,36 +290,32 @@ def across_checkpoints(ctx: StudyContext) -> None:
     steps = sorted({s for s in cfg.checkpoint_steps if s in available} | {available[-1]})
     lam = ctx.sweep.selected_lambda
     final = available[-1]
+    mask_dir = ctx.out / "checkpoints"
 
     def measure(step: int) -> ckpt_analysis.CheckpointEntry:
         if step == final:
             model, ms = ctx.model, ctx.bigram
-            sub_r = ctx.sweep.selected.surprisal_r
+            mask_path = ctx.masks_dir / ctx.sweep.selected.path
         else:
             model = build_lm(cfg.model, ctx.tokenizer, seed=cfg.seed, device=cfg.device)
             ctx.store.load(step, model=model, device=cfg.device)
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            ms, _ = _fit(ctx, model, lambda m: BigramObjective(ctx.counts), lam,
-                         cfg.checkpoint_mask_steps, cfg.seed, "bigram")
-            sub_r = _sufficiency(ctx, model, ms)["surprisal_r"]
-        lay = layout.layout_analysis(ms.hard_masks(), label=f"step {step}",
-                                     eligible=ms.eligible_masks())
-        meta = ctx.store.metadata(step)
-        return ckpt_analysis.CheckpointEntry(
-            step=step, val_loss=meta.get("val_loss"),
-            full_r=_sufficiency(ctx, model, None)["surprisal_r"], subnetwork_r=sub_r,
-            active_fraction=ms.active_fraction(), first_mlp_share=lay.first_mlp_share or 0.0,
-            block_shares=dict(zip(lay.kinds, (sum(col) / max(1, lay.total_kept)
-                                              for col in zip(*lay.kept)))))
+            _frozen(model)
+            ms, _ = fit_subnetwork(ctx, model, _bigram_objective(ctx), lam, "bigram")
+            mask_path = ms.save(mask_dir / f"bigram-step{step:06d}-lam{sweep.lam_tag(lam)}")
+        return ckpt_analysis.measure_entry(
+            step, ms, val_loss=ctx.store.metadata(step).get("val_loss"),
+            full_r=_sufficiency(ctx, model, None)["surprisal_r"],
+            subnetwork_r=_sufficiency(ctx, model, ms)["surprisal_r"],
+            mask_path=str(mask_path.relative_to(ctx.out)))
 
-    result = ckpt_analysis.across_checkpoints(steps, measure, ctx.out / "checkpoints", lam)
+    result = ckpt_analysis.across_checkpoints(
+        steps, measure, mask_dir, lam, recipe=cfg.recipe_record(),
+        load_masks=lambda p: MaskSet.load(ctx.out / p), seed=cfg.seed)
     ctx.results["checkpoints"] = result.to_dict()
 
 
 #: The study's stages in order: (name in timings.json, function of the context).
-STAGES = (
+STAGES: tuple[tuple[str, Callable[[StudyContext], None]], ...] = (
     ("data", prepare_data),
     ("lm", prepare_model),
     ("bigram_counts", prepare_counts),
@@ -313,7 +328,22 @@ STAGES = (
 )
 
 
-# --------------------------------------------------------------------------- outputs
+# --------------------------------------------------------------------------- metrics
+
+_LAYOUT_KEYS = ("first_mlp_share", "mlp_share", "attention_share", "vo_share", "qk_share",
+                "layer_share", "layer_density", "kind_share", "kind_density", "plurality_layer",
+                "plurality_group", "plurality_in_first_layer", "plurality_in_first_mlp")
+_SUFF_KEYS = ("surprisal_r", "surprisal_r_capped", "surprisal_r_smoothed", "ce_to_bigram",
+              "n_finite", "n_tokens")
+
+
+def _overlap_record(ov: dict) -> dict:
+    return {"ratio": ov["ratio"], "p_value": ov["p_value"],
+            "observed_fraction": ov["overlap_fraction"],
+            "expected_fraction": ov["expected_fraction"],
+            "share_bigram_in_optimal": ov["share_a_in_b"],
+            "layers": [{k: lo[k] for k in ("layer", "overlap", "expected", "ratio", "p_value")}
+                       for lo in ov["layers"]]}
 
 
 def collect_metrics(ctx: StudyContext) -> dict:
@@ -322,19 +352,17 @@ def collect_metrics(ctx: StudyContext) -> dict:
     suff, ab = r["sufficiency"], r["ablation"]
     sel = ctx.sweep.selected
     full_res = r["residual"]["full"]
+    lay = r["layout"]["bigram"]
     return {
         "model": ctx.lm_info,
+        "recipe": ctx.cfg.recipe_record(),
         "corpus": {"name": ctx.corpus.name, "train_tokens": int(ctx.tokens.train.numel()),
                    "validation_tokens": int(ctx.tokens.validation.numel()),
                    "vocab_size": len(ctx.tokenizer)},
-        "full_model": {"surprisal_r": suff["full"]["surprisal_r"],
-                       "surprisal_r_smoothed": suff["full"].get("surprisal_r_smoothed"),
-                       "ce_to_bigram": suff["full"].get("ce_to_bigram")},
-        "bigram_subnetwork": {"surprisal_r": sel.surprisal_r, "lambda": sel.lam,
-                              "active_fraction": sel.active_fraction,
+        "full_model": {k: suff["full"].get(k) for k in _SUFF_KEYS},
+        "bigram_subnetwork": {"lambda": sel.lam, "active_fraction": sel.active_fraction,
                               "active_weights": ctx.bigram.n_active(),
-                              "surprisal_r_smoothed": sel.metrics.get("surprisal_r_smoothed"),
-                              "ce_to_bigram": sel.metrics.get("ce_to_bigram")},
+                              **{k: suff["bigram"].get(k) for k in _SUFF_KEYS}},
         "optimal_subnetwork": {"lambda": ctx.sweep.selected_lambda,
                                "active_fraction": ctx.optimal.active_fraction(),
                                "surprisal_r": suff["optimal"]["surprisal_r"]},
@@ -343,80 +371,15 @@ def collect_metrics(ctx: StudyContext) -> dict:
                      "loss_without_bigram": ab["losses"]["bigram"],
                      "loss_without_random": ab["losses"]["random"],
                      "loss_without_optimal": ab["losses"]["optimal"]},
-        "overlap": {"ratio": r["overlap"]["ratio"], "p_value": r["overlap"]["p_value"],
-                    "observed_fraction": r["overlap"]["overlap_fraction"],
-                    "expected_fraction": r["overlap"]["expected_fraction"],
-                    "share_bigram_in_optimal": r["overlap"]["share_a_in_b"]},
-        "layout": {"first_mlp_share": r["layout"]["bigram"]["first_mlp_share"],
-                   "mlp_share": r["layout"]["bigram"]["mlp_share"]},
+        "overlap": _overlap_record(r["overlap"]),
+        "layout": {"layers": lay["layers"], "kinds": lay["kinds"],
+                   **{k: lay[k] for k in _LAYOUT_KEYS}},
         "residual": {"rotation_to_input": full_res["rotation_to_input"],
-                     "rotation_to_output": full_res["rotation_to_output"]},
+                     "rotation_to_output": full_res["rotation_to_output"],
+                     "eigen_rel_tol": full_res.get("eigen_rel_tol", 0.0)},
         "sweep": [{"lambda": e.lam, "active_fraction": e.active_fraction,
                    "surprisal_r": e.surprisal_r} for e in ctx.sweep.entries],
         "controls": r.get("controls"),
-        "checkpoints": r.get("checkpoints"),
+        "checkpoints": ckpt_analysis.metrics_record(r["checkpoints"])
+        if r.get("checkpoints") else None,
     }
-
-
-def _bar(title: str, labels: list[str], values: list[float], yaxis: str):
-    import plotly.graph_objects as go
-
-    from interp.plots import color_for, figure
-
-    fig = figure(title=title, yaxis_title=yaxis, showlegend=False)
-    fig.add_trace(go.Bar(x=labels, y=values, marker_color=[color_for(x, i)
-                                                           for i, x in enumerate(labels)],
-                         text=[f"{v:.3f}" for v in values], textposition="outside"))
-    return fig
-
-
-def build_figures(ctx: StudyContext) -> dict:
-    """Every figure of the study, by name (plotly Figures; nothing is shown)."""
-    r = ctx.results
-    suff = r["sufficiency"]
-    labels = ["full model", "bigram subnetwork", "optimal subnetwork", "random subnetwork"]
-    values = [suff[k]["surprisal_r"] for k in ("full", "bigram", "optimal", "random")]
-    controls = r.get("controls") or {}
-    if "embeddings_only" in controls:
-        labels.append("embeddings only")
-        values.append(controls["embeddings_only"]["surprisal_r"])
-    if "random_init" in controls:
-        labels.append("subnetwork of an untrained model")
-        values.append(controls["random_init"]["subnetwork"]["surprisal_r"])
-    ab = r["ablation"]
-    ab_labels = ["bigram", "random", "optimal"]
-    res = {k: residual.ResidualResult.from_dict(v) for k, v in r["residual"].items()}
-    figs = {
-        "sweep": sweep.plot_sweep(ctx.sweep),
-        "sufficiency": _bar("Sufficiency: surprisal correlation with the bigram model", labels,
-                            values, "Pearson r (held-out tokens)"),
-        "ablation": _bar("Necessity: validation loss with a subnetwork removed",
-                         ["full model"] + [f"without {k}" for k in ab_labels],
-                         [ab["loss_full"]] + [ab["losses"][k] for k in ab_labels],
-                         "loss (nats/token)"),
-        "layout": layout.plot_layout(layout.LayoutResult.from_dict(r["layout"]["bigram"])),
-        "layout_optimal": layout.plot_layout(layout.LayoutResult.from_dict(r["layout"]["optimal"])),
-        "overlap": overlap.plot_overlap(overlap.OverlapResult.from_dict(r["overlap"])),
-        "rotations": residual.plot_rotations(list(res.values())),
-        "cosines": residual.plot_cosines(list(res.values())),
-        "cov_similarity": residual.plot_cov_similarity(list(res.values())),
-    }
-    if r.get("checkpoints"):
-        cres = ckpt_analysis.CheckpointsResult.from_dict(r["checkpoints"])
-        figs["checkpoints_r"] = ckpt_analysis.plot_checkpoint_r(cres)
-        figs["checkpoints_layout"] = ckpt_analysis.plot_checkpoint_layout(cres)
-    return figs
-
-
-def write_figures(ctx: StudyContext) -> dict[str, Path]:
-    from interp.plots import save_figure
-
-    ctx.figures = build_figures(ctx)
-    return {name: save_figure(fig, ctx.out / "figures" / f"{name}.html")[0]
-            for name, fig in ctx.figures.items()}
-
-
-def write_report(ctx: StudyContext, metrics: dict) -> Path:
-    from analyses.studies._bigram_report import write_report as _write
-
-    return _write(ctx, metrics)

@@ -3,136 +3,87 @@
 corpus -> tokenizer -> LM (trained with checkpoints, or an HF model) -> sparse bigram counts
 -> lambda sweep of bigram subnetworks (+ the paper's selection rule) -> optimal-pruning
 subnetwork -> controls (embeddings only, random-init model) -> sufficiency, necessity,
-generations, layout, overlap, residual stream, checkpoints -> metrics.json, figures,
-report.html.
+generations, layout, overlap (overall and per layer), residual stream, checkpoints ->
+metrics.json, figures, report.html.
 
 Every stage writes its artifact into the run directory before the next one starts, so a rerun
 reuses finished work and an interrupted run resumes at the stage (or lambda, or LM
-checkpoint) where it stopped.
+checkpoint) where it stopped. The modules: :mod:`._bigram_config` (config and recipes, a
+leaf), :mod:`._bigram_stages` (the stages table), :mod:`._bigram_report` (figures, report).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from interp.errors import InterpError
+from analyses.studies._bigram_config import RECIPES, BigramStudyConfig, MaskRecipe
+from analyses.studies._bigram_report import checks, write_figures, write_report
+from analyses.studies._bigram_stages import STAGES, StudyContext, collect_metrics
+from interp.errors import ConfigError
 from interp.io import read_json, write_json
+from interp.report import format_p
+from interp.results import Result, bulky
+
+__all__ = ["RECIPES", "BigramStudyConfig", "BigramStudyResult", "MaskRecipe", "load_metrics",
+           "run_bigram_study"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class BigramStudyConfig:
-    """Everything that defines a run; the run directory is tied to it (``config.json``)."""
-
-    out: str = "runs/default"
-    corpus: str = "builtin"
-    model: str = "tiny"
-    vocab_size: int = 1024
-    seed: int = 0
-    device: str = "cpu"
-    # LM training (presets only)
-    lm_steps: int = 1250
-    lm_batch: int = 16
-    seq_len: int = 128
-    lm_lr: float = 3e-3
-    lm_checkpoint_every: int = 250
-    # masks
-    lambdas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0)
-    mask_steps: int = 500
-    mask_lr: float = 0.05
-    temperature_factor: float = 1.01
-    mask_batch: int = 16
-    tolerance: float = 0.04
-    # evaluation
-    eval_sequences: int = 64
-    residual_sequences: int = 48
-    checkpoint_steps: tuple[int, ...] = (250, 500)
-    checkpoint_mask_steps: int = 300
-    random_init_control: bool = True
-    quick: bool = False
-
-    @classmethod
-    def quick_defaults(cls, **overrides) -> BigramStudyConfig:
-        """The ``--quick`` run: the same pipeline, smaller (about 2-3 minutes on 2 cores)."""
-        base = dict(lm_steps=400, lambdas=(0.0, 1.0), mask_steps=250, temperature_factor=1.02,
-                    eval_sequences=32, residual_sequences=24, checkpoint_steps=(200,),
-                    checkpoint_mask_steps=150, lm_checkpoint_every=200,
-                    random_init_control=False, quick=True)
-        base.update(overrides)
-        return cls(**base)
-
-    @classmethod
-    def from_cli(cls, args) -> BigramStudyConfig:
-        over = {"out": args.out, "corpus": args.corpus, "model": args.model,
-                "seed": args.seed, "device": args.device}
-        if args.vocab_size:
-            over["vocab_size"] = args.vocab_size
-        if args.lambdas:
-            try:
-                over["lambdas"] = tuple(sorted(float(x) for x in args.lambdas.split(",")))
-            except ValueError as e:
-                raise InterpError(f"--lambdas must be comma-separated numbers, got "
-                                  f"{args.lambdas!r}") from e
-        if args.lm_steps:
-            over["lm_steps"] = args.lm_steps
-        if args.mask_steps:
-            over["mask_steps"] = args.mask_steps
-        return cls.quick_defaults(**over) if args.quick else cls(**over)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["lambdas"], d["checkpoint_steps"] = list(self.lambdas), list(self.checkpoint_steps)
-        return d
-
-
-# Fields that do not change results: a rerun may differ in them.
-_VOLATILE = {"out", "device"}
-
-
-@dataclass
-class BigramStudyResult:
-    """Where the run wrote things, and its headline metrics."""
+@dataclass(repr=False)
+class BigramStudyResult(Result):
+    """Where the run wrote things, and its metrics (``metrics.json``)."""
 
     out: Path
-    metrics: dict
     report_path: Path
-    figures: dict[str, Path] = field(default_factory=dict)
+    metrics: dict = bulky(dict)
+    figures: dict[str, Path] = bulky(dict)
+
+    def summary_rows(self) -> list[tuple[str, Any]]:
+        m = self.metrics
+        big, ab = m["bigram_subnetwork"], m["ablation"]
+        return [("run", str(self.out)), ("recipe", m["recipe"]["name"]),
+                ("full model r", m["full_model"]["surprisal_r"]),
+                ("bigram subnetwork r", big["surprisal_r"]), ("λ", big["lambda"]),
+                ("active fraction", big["active_fraction"]),
+                ("loss without bigram − full", ab["loss_without_bigram"] - ab["loss_full"]),
+                ("overlap with optimal (x chance)", m["overlap"]["ratio"]),
+                ("claims holding", sum(c["holds"] is True for c in m["claims"].values())),
+                ("report", str(self.report_path))]
 
     def summary(self) -> str:
         m = self.metrics
         full, big, opt = m["full_model"], m["bigram_subnetwork"], m["optimal_subnetwork"]
-        ab = m["ablation"]
+        ab, lay = m["ablation"], m["layout"]
         lines = [
-            f"run: {self.out}",
+            f"run: {self.out}   recipe: {m['recipe']['name']}",
             f"full model            r = {full['surprisal_r']:.3f}   val loss {ab['loss_full']:.3f}",
             f"bigram subnetwork     r = {big['surprisal_r']:.3f}   lambda {big['lambda']:g}, "
             f"{100 * big['active_fraction']:.2f}% of masked weights active",
             f"optimal subnetwork    {100 * opt['active_fraction']:.2f}% active",
-            f"loss without bigram   {ab['loss_without_bigram']:.3f}  "
-            f"({ab['loss_without_bigram'] - ab['loss_full']:+.3f})",
-            f"loss without random   {ab['loss_without_random']:.3f}  "
-            f"({ab['loss_without_random'] - ab['loss_full']:+.3f})",
-            f"loss without optimal  {ab['loss_without_optimal']:.3f}  "
-            f"({ab['loss_without_optimal'] - ab['loss_full']:+.3f})",
+        ]
+        for key in ("bigram", "random", "optimal"):
+            loss = ab[f"loss_without_{key}"]
+            lines.append(f"loss without {key:<8} {loss:.3f}  ({loss - ab['loss_full']:+.3f})")
+        lines += [
             f"overlap bigram/optimal {m['overlap']['ratio']:.2f}x chance "
-            f"({format_p(m['overlap']['p_value'])});  first-MLP share {100 * m['layout']['first_mlp_share']:.1f}%",
+            f"({format_p(m['overlap']['p_value'])}); plurality in {lay['plurality_group']}",
+            "claims: " + ", ".join(f"{k}: {_verdict(c['holds'])}"
+                                   for k, c in m["claims"].items()),
             "timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in m["timings"].items()),
         ]
         return "\n".join(lines)
 
 
-def format_p(p: float) -> str:
-    """'p = 0.031', or 'p < 1e-14' where the exact tail is below what doubles resolve."""
-    return "p < 1e-14" if p < 1e-14 else f"p = {p:.2g}"
+def _verdict(holds: bool | None) -> str:
+    return "n/a" if holds is None else ("yes" if holds else "NO")
 
 
 class _Timer:
@@ -145,7 +96,10 @@ class _Timer:
 
     def __init__(self, out: Path):
         self.out, self.path = out, out / "timings.json"
-        self.timings: dict[str, float] = read_json(self.path) if self.path.is_file() else {}
+        self.timings: dict[str, float] = (
+            read_json(self.path, what="Stage timings",
+                      fix="Delete it; the timings are recomputed on the next run.")
+            if self.path.is_file() else {})
 
     def _files(self) -> dict[Path, int]:
         return {p: p.stat().st_mtime_ns for p in self.out.rglob("*")
@@ -163,42 +117,64 @@ class _Timer:
 
 
 def _check_run_dir(out: Path, cfg: BigramStudyConfig) -> None:
+    """Tie ``out`` to ``cfg``: refuse a directory holding another configuration's run."""
     path = out / "config.json"
-    new = cfg.to_dict()
     if path.is_file():
-        old = read_json(path)
-        diff = sorted(k for k in set(old) | set(new)
-                      if k not in _VOLATILE and old.get(k) != new.get(k))
+        stored = read_json(path, error=ConfigError, what="Run configuration",
+                           fix="Pass a new --out, or delete the directory to start over.")
+        diff = cfg.diff(stored)
         if diff:
-            raise InterpError(
+            raise ConfigError(
                 f"Run directory {str(out)!r} holds a run with another configuration (differs in: "
                 f"{', '.join(diff)}). Pass a new --out, or delete the directory to start over."
             )
-    write_json(path, new)
+    write_json(path, cfg.to_dict())
+
+
+#: Stage artifacts a rerun reads back; checked before any stage runs, so a damaged one is
+#: reported at once instead of after the stages before it (metrics.json is only written).
+_ARTIFACTS = ("sweep.json", "controls.json", "evaluation.json", "residual.json")
+
+
+def _check_artifacts(out: Path) -> None:
+    """DataError naming the first stage artifact in ``out`` that is not a readable JSON dict."""
+    for name in _ARTIFACTS:
+        if (out / name).is_file():
+            read_json(out / name, what="Study artifact",
+                      fix="Delete it to recompute it (the stage reruns), or rerun with a new "
+                          "--out.")
 
 
 def run_bigram_study(cfg: BigramStudyConfig) -> BigramStudyResult:
     """Run (or resume) the whole study; see the module docstring for the stages."""
-    from analyses.studies import _bigram_stages as S
-
+    cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a directory. Pass a directory.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ConfigError(f"Cannot create the run directory {str(out)!r}: {e.strerror} (a file "
+                          "is in the way). Pass another --out.") from e
     _check_run_dir(out, cfg)
+    _check_artifacts(out)
     torch.manual_seed(cfg.seed)
     timer = _Timer(out)
-    ctx = S.StudyContext(cfg, out)
+    ctx = StudyContext(cfg, out)
 
-    for name, stage in S.STAGES:
+    for name, stage in STAGES:
         with timer(name):
             stage(ctx)
-    metrics = S.collect_metrics(ctx)
+    metrics = collect_metrics(ctx)
+    metrics["claims"] = checks(metrics)
     metrics["timings"] = dict(timer.timings)
     write_json(out / "metrics.json", metrics)
-    figures = S.write_figures(ctx)
-    report = S.write_report(ctx, metrics)
-    return BigramStudyResult(out, metrics, report, figures)
+    figures = write_figures(ctx)
+    report = write_report(ctx, metrics)
+    return BigramStudyResult(out, report, metrics, figures)
 
 
 def load_metrics(out: str | Path) -> dict:
     """The ``metrics.json`` of a finished run."""
-    return json.loads((Path(out) / "metrics.json").read_text())
+    return read_json(Path(out) / "metrics.json", what="Study metrics",
+                     fix="Run `interp bigram --out DIR` to (re)create it.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from interp.data.text import (
@@ -14,6 +15,9 @@ from interp.data.text import (
     tokenize_corpus,
     train_tokenizer,
 )
+from interp.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_corpus(spec: str) -> Corpus:
@@ -39,9 +43,14 @@ def load_corpus_and_tokenizer(
         tok = load_tokenizer(tokenizer_spec)
     else:
         tok_dir = run_dir / f"tokenizer-{corpus.name}-{corpus.fingerprint}-{vocab_size}"
+        tok = None
         if (tok_dir / "tokenizer.json").is_file():
-            tok = load_tokenizer(tok_dir)
-        else:
+            try:
+                tok = load_tokenizer(tok_dir)
+            except ModelLoadError as e:  # the run's own cached BPE: retrain it, lose nothing
+                log.warning("cached tokenizer in %s is damaged (%s); training it again",
+                            tok_dir, e)
+        if tok is None:
             tok = train_tokenizer(corpus, vocab_size, tok_dir)
     tokens = tokenize_corpus(corpus, tok, cache_dir=run_dir / "cache")
     return corpus, tok, tokens

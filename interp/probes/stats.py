@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.errors import InterpError, suggest
+from interp.errors import HookError, InterpError, suggest
 from interp.models.lm import resolve_device
 
 log = logging.getLogger(__name__)
@@ -218,11 +218,12 @@ def ridge_from_stats(stats: StreamingStats, x: str, y: str, *, alpha: float = 1.
 
 
 def check_hook_names(model, hook_names: Sequence[str]) -> None:
-    """Raise with the nearest valid names when a hook name does not exist on ``model``."""
+    """Raise :class:`HookError` with the nearest valid names when a hook name does not exist
+    on ``model``."""
     valid = model.hook_dict
     for name in hook_names:
         if name not in valid:
-            raise InterpError(
+            raise HookError(
                 f"Unknown hook name {name!r} for {type(model).__name__}.{suggest(name, valid)} "
                 "List valid names with model.hook_dict.keys()."
             )
@@ -241,7 +242,7 @@ def residual_hook_names(model) -> list[str]:
 @torch.no_grad()
 def iter_activations(
     model,
-    batches: Iterable[Int[Tensor, "batch pos"]],
+    batches: Iterable[Int[Tensor, "_batch _pos"]],
     hook_names: Sequence[str],
     *,
     device: str | torch.device | None = None,
@@ -287,7 +288,7 @@ def iter_activations(
 
 def collect_stats(
     model,
-    batches: Iterable[Int[Tensor, "batch pos"]],
+    batches: Iterable[Int[Tensor, "_batch _pos"]],
     hook_names: Sequence[str],
     *,
     pairs: Iterable[Pair] | None = None,

@@ -60,11 +60,15 @@ def test_empty_subnetwork_has_no_shares():
     assert json_ok.share[0][0] is None
 
 
-def test_bad_names_and_shapes_raise():
+def test_names_positions_and_bad_shapes():
     assert parse_target("blocks.12.attn.o") == (12, "o")
     assert parse_target("blocks.0.mlp.gate") == (0, "mlp_gate")
-    with pytest.raises(MaskError, match="blocks.{l}.mlp.in|out"):
-        layout_analysis({"blocks.0.mlp.W_in": torch.ones(2, 2, dtype=torch.bool)})
+    assert parse_target("convs.2.weight") == (2, "convs")
+    assert parse_target("head") == (None, "head")
+    with pytest.raises(MaskError, match="No layer/block known"):
+        layout_analysis({"a": torch.ones(2, dtype=torch.bool)}, targets={"b": (0, "x")})
+    with pytest.raises(MaskError, match="No masks"):
+        layout_analysis({})
     masks = _masks()
     with pytest.raises(MaskError, match="shape"):
         layout_analysis(masks, eligible={"blocks.0.mlp.in": torch.ones(3, dtype=torch.bool)})
@@ -97,3 +101,60 @@ def test_layout_of_a_mask_set(native_model):
     res = layout_analysis(ms.hard_masks(), eligible=ms.eligible_masks())
     assert res.layers == [0, 1] and res.kinds == ["q", "k", "v", "o", "mlp_in", "mlp_out"]
     assert res.total_weights == ms.n_weights
+    assert layout_analysis(ms).to_dict() == res.to_dict()  # a MaskSet brings its own eligibility
+
+
+def test_plurality_claims_and_densities_as_measured():
+    res = layout_analysis(_masks())
+    assert res.plurality_layer == 0 and res.plurality_in_first_layer is True
+    assert res.plurality_group == "layer 0 mlp" and res.plurality_in_first_mlp is True
+    assert res.layer_share == pytest.approx([125 / 200, 75 / 200])
+    assert res.layer_density == pytest.approx([125 / 512, 75 / 512])
+    assert res.kind_share["mlp_in"] == pytest.approx(90 / 200)
+    assert res.kind_density["k"] == pytest.approx(15 / 128)
+    # move the plurality to layer 1's attention: the claims must read false
+    masks = _masks()
+    masks["blocks.1.attn.q"] = torch.ones(8, 8, dtype=torch.bool)
+    masks["blocks.1.attn.v"] = torch.ones(8, 8, dtype=torch.bool)
+    masks["blocks.1.attn.o"] = torch.ones(8, 8, dtype=torch.bool)
+    res = layout_analysis(masks)
+    assert res.plurality_layer == 1 and res.plurality_in_first_layer is False
+    assert res.plurality_group == "layer 1 attention" and res.plurality_in_first_mlp is False
+    empty = layout_analysis({k: torch.zeros_like(v) for k, v in masks.items()})
+    assert empty.plurality_in_first_mlp is None and empty.plurality_layer is None
+
+
+def test_conv_targets_are_placed_by_their_targets(conv_net):
+    """Custom targets (conv kernels) work: layer and block come from the Target."""
+    from interp.masks import MaskSet
+
+    ms = MaskSet.for_model(conv_net, targets={"stem": (conv_net.conv, "weight"),
+                                              "readout": (conv_net.head, "weight")})
+    res = layout_analysis(ms)
+    assert res.kinds == ["stem", "readout"] and res.layers == [None]
+    assert res.total_weights == conv_net.conv.weight.numel() + conv_net.head.weight.numel()
+    assert res.mlp_share is None and res.plurality_in_first_mlp is None
+    placed = layout_analysis(ms, targets={"stem": (0, "conv"), "readout": (1, "linear")})
+    assert placed.layers == [0, 1] and placed.kinds == ["conv", "linear"]
+
+
+def test_mixed_devices_and_dtypes():
+    """Masks and eligibility on different devices/dtypes are aligned, not a crash; meta masks
+    (no values) give a clear MaskError."""
+    masks = _masks()
+    eligible = {k: torch.ones_like(v, dtype=torch.uint8) for k, v in masks.items()}
+    ref = layout_analysis(masks)
+    assert layout_analysis({k: v.float() for k, v in masks.items()},
+                           eligible=eligible).to_dict() == ref.to_dict()
+    with pytest.raises(MaskError, match="meta device"):
+        layout_analysis({k: v.to("meta") for k, v in masks.items()},
+                        eligible={k: v.bool() for k, v in eligible.items()})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_masks_with_cpu_eligibility():
+    masks = _masks()
+    eligible = {k: torch.ones_like(v) for k, v in masks.items()}
+    ref = layout_analysis(masks, eligible=eligible)
+    gpu = layout_analysis({k: v.cuda() for k, v in masks.items()}, eligible=eligible)
+    assert gpu.to_dict() == ref.to_dict()

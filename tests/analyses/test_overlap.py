@@ -15,9 +15,10 @@ from analyses.overlap import (
     overlap_pvalues,
     plot_overlap,
     plot_overlap_blocks,
-    shuffle_masks,
+    plot_overlap_layers,
 )
 from interp.errors import MaskError
+from interp.masks import random_masks
 
 NAMES = ["blocks.0.attn.q", "blocks.0.attn.v", "blocks.0.mlp.in", "blocks.0.mlp.out",
          "blocks.1.mlp.in", "blocks.1.mlp.out"]
@@ -96,8 +97,8 @@ def test_p_value_is_calibrated_under_the_null():
     test on p or mid-p would detect); mid-p is near-uniform, P(X >= obs) conservative."""
     base_a = _random_masks([600, 300, 900, 750, 450, 600], seed=0)
     base_b = _random_masks([900, 600, 450, 900, 300, 750], seed=1)
-    results = [overlap_analysis(shuffle_masks(base_a, seed=2 * i),
-                                shuffle_masks(base_b, seed=2 * i + 1)) for i in range(1000)]
+    results = [overlap_analysis(random_masks(base_a, seed=2 * i),
+                                random_masks(base_b, seed=2 * i + 1)) for i in range(1000)]
     p = np.array([r.p_value for r in results])
     mid = np.array([r.mid_p_value for r in results])
     p_eq = 2 * (p - mid)
@@ -107,17 +108,60 @@ def test_p_value_is_calibrated_under_the_null():
     assert np.all(p >= mid) and (p < 0.05).mean() <= 0.07
 
 
-def test_shuffle_masks_keeps_counts_per_block():
-    a = _random_masks([600, 300, 900, 750, 450, 0])
+def test_per_layer_overlap_is_the_same_exact_test_within_each_layer():
+    a = _random_masks([300, 300, 900, 750, 450, 600], seed=0)
+    b = dict(a)  # layer 0: identical to A; layer 1: independent of A
+    b.update({k: v for k, v in _random_masks([300, 300, 900, 750, 450, 600], seed=9).items()
+              if k.startswith("blocks.1.")})
+    res = overlap_analysis(a, b)
+    assert [lo.layer for lo in res.layers] == [0, 1]
+    lo0, lo1 = res.layers
+    assert lo0.overlap == 300 + 300 + 900 + 750 and lo0.ratio > 2 and lo0.p_value < 1e-10
+    assert lo1.overlap == int(sum((a[k] & b[k]).sum() for k in NAMES[4:]))
+    assert lo1.expected == pytest.approx(450 * 450 / 3000 + 600 * 600 / 3000)
+    alone = overlap_analysis({k: a[k] for k in NAMES[4:]}, {k: b[k] for k in NAMES[4:]})
+    assert lo1.p_value == pytest.approx(alone.p_value) and lo1.ratio == pytest.approx(alone.ratio)
+    assert sum(lo.overlap for lo in res.layers) == res.overlap
+    assert OverlapResult.from_json(res.to_json()).layers == res.layers
+
+
+def test_custom_targets_take_layer_and_block_from_targets():
+    """Conv kernels (no transformer names) are placed by their targets, not a name regex."""
+    a = {"stack.conv_a": torch.tensor([1, 1, 0, 0], dtype=torch.bool),
+         "stack.conv_b": torch.tensor([1, 0, 1, 0], dtype=torch.bool)}
+    b = {"stack.conv_a": torch.tensor([1, 0, 0, 1], dtype=torch.bool),
+         "stack.conv_b": torch.tensor([1, 0, 1, 1], dtype=torch.bool)}
+    res = overlap_analysis(a, b, targets={"stack.conv_a": (0, "conv"), "stack.conv_b": (3, "conv")})
+    assert [lo.layer for lo in res.layers] == [0, 3]
+    assert [(r["layer"], r["block"]) for r in res.blocks] == [(0, "conv"), (3, "conv")]
+    assert (res.layers[0].overlap, res.layers[1].overlap) == (1, 2)
+
+
+def test_masks_on_mixed_devices_and_dtypes_are_aligned():
+    """Masks may live on another device or dtype than the eligibility masks (a CUDA mask set
+    beside CPU eligibility crashed the study); meta masks give a clear MaskError."""
+    a = _random_masks([300] * 6, seed=0)
+    b = _random_masks([300] * 6, seed=1)
     eligible = {k: torch.ones_like(v) for k, v in a.items()}
     eligible[NAMES[0]][:, 50:] = False
-    s = shuffle_masks(a, seed=3, eligible=eligible)
-    for k in NAMES:
-        assert s[k].shape == a[k].shape
-        assert int(s[k].sum()) == int((a[k] & eligible[k]).sum())
-    assert not s[NAMES[0]][:, 50:].any()
-    assert not torch.equal(s[NAMES[2]], a[NAMES[2]])
-    assert all(torch.equal(s[k], shuffle_masks(a, seed=3, eligible=eligible)[k]) for k in NAMES)
+    ref = overlap_analysis(a, b, eligible=eligible)
+    as_float = {k: v.float() for k, v in a.items()}
+    as_uint8 = {k: v.to(torch.uint8) for k, v in eligible.items()}
+    assert overlap_analysis(as_float, b, eligible=as_uint8).to_dict() == ref.to_dict()
+    meta = {k: v.to("meta") for k, v in a.items()}
+    with pytest.raises(MaskError, match="meta device"):
+        overlap_analysis(meta, b, eligible=eligible)
+    with pytest.raises(MaskError, match="meta device"):
+        overlap_analysis(a, b, eligible={k: v.to("meta") for k, v in eligible.items()})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_masks_with_cpu_eligibility():
+    a, b = _random_masks([300] * 6, seed=0), _random_masks([300] * 6, seed=1)
+    eligible = {k: torch.ones_like(v) for k, v in a.items()}
+    ref = overlap_analysis(a, b, eligible=eligible)
+    gpu = overlap_analysis({k: v.cuda() for k, v in a.items()}, b, eligible=eligible)
+    assert gpu.to_dict() == ref.to_dict()
 
 
 def test_mismatched_masks_raise():
@@ -135,10 +179,14 @@ def test_mismatched_masks_raise():
 def test_figures():
     a, b = _random_masks([300] * 6, seed=0), _random_masks([300] * 6, seed=1)
     res = overlap_analysis(a, b, label_a="bigram", label_b="optimal")
-    fig = plot_overlap([res, overlap_analysis(a, shuffle_masks(b), label_a="bigram",
+    fig = plot_overlap([res, overlap_analysis(a, random_masks(b), label_a="bigram",
                                               label_b="random")])
     assert [t.name for t in fig.data] == ["observed", "expected (null)"]
     assert list(fig.data[0].x) == ["bigram ∩ optimal", "bigram ∩ random"]
     assert "x, p=" in fig.data[0].text[0]
     blocks = plot_overlap_blocks(res)
-    assert list(blocks.data[0].x)[:2] == ["L0 q", "L0 v"]
+    assert list(blocks.data[0].x)[:2] == ["layer 0 Q", "layer 0 V"]
+    layers = plot_overlap_layers(res)
+    assert list(layers.data[0].x) == ["layer 0", "layer 1"]
+    assert list(layers.data[0].y) == pytest.approx([lo.ratio for lo in res.layers])
+    assert layers.layout.yaxis.type == "log"

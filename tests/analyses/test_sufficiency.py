@@ -65,7 +65,7 @@ def test_true_chain_surprisal_correlates_with_estimated_bigram(markov):
     res = sufficiency(_TableLM(truth.log()), counts, batches, progress=False)
     assert res.surprisal_r > 0.99
     assert res.surprisal_r_smoothed > 0.98
-    assert res.n_tokens == 64 * 63 and res.seen_fraction > 0.99
+    assert res.n_tokens == 64 * 63 and res.finite_fraction > 0.99
     assert 0 <= res.kl_to_bigram < 0.02
     # the true chain's loss is its conditional entropy under the stationary token mix
     h_true = -(torch.where(truth > 0, truth * truth.log(), 0.0)).sum(-1)
@@ -89,17 +89,47 @@ def test_matches_brute_force_on_a_random_network(markov):
     s_model = model_surprisal(model(tokens), tokens).numpy().ravel()
     s_big = counts.surprisal(tokens).numpy().ravel()
     seen = counts.seen(tokens).numpy().ravel()
+    finite = np.isfinite(s_big)
     smooth = counts.smoothed(0.01).surprisal(tokens).numpy().ravel()
-    assert res.surprisal_r == pytest.approx(np.corrcoef(s_model[seen], s_big[seen])[0, 1], abs=1e-9)
+    assert res.surprisal_r == pytest.approx(
+        np.corrcoef(s_model[finite], s_big[finite])[0, 1], abs=1e-9)
+    capped = np.where(finite, s_big, s_big[finite].max())
+    assert res.surprisal_r_capped == pytest.approx(np.corrcoef(s_model, capped)[0, 1], abs=1e-9)
     assert res.surprisal_r_smoothed == pytest.approx(np.corrcoef(s_model, smooth)[0, 1], abs=1e-9)
     ce = counts.soft_cross_entropy(model(tokens), tokens).mean()
     assert res.ce_to_bigram == pytest.approx(float(ce), rel=1e-5)
-    assert res.n_seen == int(seen.sum()) and res.mean_surprisal == pytest.approx(s_model.mean())
-    np.testing.assert_allclose(res.sample_model, s_model[seen][:50])
+    assert res.n_seen == int(seen.sum()) and res.n_finite == int(finite.sum())
+    assert res.mean_surprisal == pytest.approx(s_model.mean())
+    np.testing.assert_allclose(res.sample_model, s_model[finite][:50])
     back = SufficiencyResult.from_json(res.to_json())
     assert back.surprisal_r == res.surprisal_r and back.sample_bigram == res.sample_bigram
     fig = plot_sufficiency({"random": res})
     assert isinstance(fig, go.Figure) and len(fig.data) == 2
+
+
+def test_variants_follow_the_papers_definitions():
+    """Drop-infinite keeps unseen contexts (finite unigram back-off) and drops only seen
+    contexts followed by a token they never preceded; capped scores those at the largest
+    finite surprisal."""
+    # contexts 0, 1, 2 seen; token 3 is never a context; pair (0, 2) never seen
+    train = torch.tensor([0, 1, 0, 1, 2, 0, 1, 2, 2, 3])
+    counts = BigramCounts.from_tokens(train, 4)
+    held = torch.tensor([[3, 1, 0, 2, 0, 1]])  # (3,1) backs off, (0,2) is infinite
+    s_big = counts.surprisal(held)[0]
+    assert torch.isfinite(s_big[0]) and not counts.seen(held)[0, 0]
+    assert torch.isinf(s_big[2])
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [2.0, 0.0, 1.0, 0.0], [0.5, 0.1, 0.0, 2.0],
+                           [1.0, 1.0, 1.0, 0.0]])
+    res = sufficiency(_TableLM(logits), counts, [held], progress=False)
+    s_model = model_surprisal(logits[held], held)[0].numpy()
+    big = s_big.numpy()
+    keep = np.isfinite(big)
+    assert res.n_tokens == 5 and res.n_finite == 4 and res.n_seen == 3
+    assert res.surprisal_r == pytest.approx(np.corrcoef(s_model[keep], big[keep])[0, 1], abs=1e-12)
+    capped = np.where(keep, big, big[keep].max())
+    assert res.cap == pytest.approx(big[keep].max())
+    assert res.surprisal_r_capped == pytest.approx(np.corrcoef(s_model, capped)[0, 1], abs=1e-12)
+    assert res.headline == "drop_infinite"
 
 
 def test_refuses_interpolated_counts_and_empty_input(markov):
