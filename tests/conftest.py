@@ -8,6 +8,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import sys
+
+# Shape and type annotations are checked at run time in the tests: jaxtyping's import hook
+# wraps every function and dataclass of interp and analyses in beartype, so a wrong shape,
+# dtype or type fails the test that produced it. It must be installed before any project
+# module is imported (this file is the first thing pytest loads). The PEP 484 numeric tower
+# lets an int pass where a float is annotated, as static checkers do. (jaxtyping's own
+# --jaxtyping-packages option cannot take this typechecker: it mis-splits the comma-separated
+# value when the typechecker has arguments.) INTERP_TYPECHECK=0 turns it off to compare timings.
+if os.environ.get("INTERP_TYPECHECK", "1") != "0":
+    _imported = sorted(m for m in sys.modules if m.split(".")[0] in ("interp", "analyses"))
+    if _imported:
+        raise RuntimeError(f"{_imported[0]} was imported before tests/conftest.py installed the "
+                           "jaxtyping import hook; its annotations would not be checked.")
+    from jaxtyping import install_import_hook
+
+    install_import_hook(
+        ["interp", "analyses"],
+        "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))",
+    )
+
 import pytest
 import torch
 
@@ -123,3 +144,107 @@ def neox(hf_neox_dir):
     from interp.models.lm import load_hf_lm
 
     return load_hf_lm(hf_neox_dir)
+
+
+@pytest.fixture()
+def unchecked():
+    """A context manager that switches the run-time type checks off, for a test that passes
+    an ill-typed value on purpose to see the library's own error message (which a user
+    without the checker gets)."""
+    import contextlib
+
+    from jaxtyping import config
+
+    @contextlib.contextmanager
+    def off():
+        old = config.jaxtyping_disable
+        config.update("jaxtyping_disable", True)
+        try:
+            yield
+        finally:
+            config.update("jaxtyping_disable", old)
+
+    return off
+
+
+@pytest.fixture()
+def token_batches():
+    """``token_batches(vocab, n, batch, pos, seed)``: a list of seeded random token tensors."""
+
+    def make(vocab: int, n: int = 2, batch: int = 3, pos: int = 16, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randint(0, vocab, (batch, pos), generator=gen) for _ in range(n)]
+
+    return make
+
+
+class FlushProbe:
+    """Sets flush-to-zero (``interp.numerics.set_flush_denormal``) and checks it on every
+    torch thread: ``n_flushed()`` counts how many of ``N`` float32 subnormals times one come
+    out as zero (an elementwise op this large is split over all of torch's threads)."""
+
+    N = 1 << 20
+    BITS = 0x000116C2  # the float32 subnormal nearest 1e-40 (smallest normal: 1.18e-38)
+
+    def __init__(self):
+        from interp.numerics import set_flush_denormal
+
+        self.set = set_flush_denormal
+        # made from bits: torch.full((N,), 1e-40) stores zeros when the calling thread flushes
+        self.subnormals = torch.full((self.N,), self.BITS, dtype=torch.int32).view(torch.float32)
+
+    def n_flushed(self) -> int:
+        return int(((self.subnormals * 1.0) == 0).sum())
+
+    def everywhere(self) -> bool:
+        """Whether every thread flushes."""
+        return self.n_flushed() == self.N
+
+    def nowhere(self) -> bool:
+        return self.n_flushed() == 0
+
+
+@pytest.fixture()
+def flush():
+    """A :class:`FlushProbe`, for tests that change the flush-to-zero setting.
+
+    Skips where the CPU cannot flush subnormals; afterwards restores the setting (on every
+    torch thread) and torch's thread count as they were before the test.
+    """
+    probe = FlushProbe()
+    threads = torch.get_num_threads()
+    before = probe.everywhere()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal floats to zero")
+    probe.set(before)
+    yield probe
+    probe.set(before)
+    torch.set_num_threads(threads)
+    probe.set(before)  # the pool may have changed size: set it again
+
+
+@pytest.fixture(scope="session")
+def small_corpus_file(tmp_path_factory):
+    """About 150 kB of the built-in Shakespeare as one UTF-8 text file (a user's corpus)."""
+    from interp.data.text import builtin_corpus
+
+    text = "\n".join(builtin_corpus().train)[:150_000]
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def small_study(small_corpus_file):
+    """``small_study(out, **overrides)``: a bigram-study config on the small corpus, small
+    enough to run end to end in well under a minute."""
+    from analyses.studies.bigram import BigramStudyConfig
+
+    def make(out, **overrides):
+        base = dict(out=str(out), corpus=str(small_corpus_file), model="test", vocab_size=300,
+                    seq_len=64, lm_steps=60, lm_checkpoint_every=30, lm_batch=8, mask_steps=30,
+                    mask_batch=8, lambdas=(0.0, 1.0), eval_sequences=8, residual_sequences=8,
+                    checkpoint_steps=(30,), random_init_control=False)
+        return BigramStudyConfig.from_recipe("mini", **{**base, **overrides})
+
+    return make
