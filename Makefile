@@ -30,6 +30,7 @@ bench: install
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/bench_masks.py --quick
 	$(PY) benchmarks/bench_bigram.py
+	$(PY) benchmarks/bench_denormals.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
