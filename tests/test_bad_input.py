@@ -583,7 +583,7 @@ ROWS: list[Row] = [
     Row("cli-mask-lr-0", "`--mask-lr 0`", "interp bigram", USAGE,
         "argument --mask-lr: must be a finite number > 0, got 0", _flags("--mask-lr", "0")),
     Row("cli-seed-negative", "`--seed -1`", "interp bigram", USAGE,
-        "argument --seed: must be >= 0, got -1", _flags("--seed", "-1")),
+        "argument --seed: must be at least 0, got -1", _flags("--seed", "-1")),
     Row("cli-recipe-unknown", "`--recipe papr`", "interp bigram", USAGE,
         "argument --recipe: invalid choice: 'papr'", _flags("--recipe", "papr")),
     Row("cli-train-lm-steps-0", "`--steps 0`", "interp train-lm", USAGE,
