@@ -283,7 +283,9 @@ class MaskSet(nn.Module):
     @mode.setter
     def mode(self, mode: str) -> None:
         if mode not in MODES:
-            raise MaskError(f"Unknown mask mode {mode!r}; modes are {MODES}.{suggest(mode, MODES)}")
+            hint = (" 'hard' was another name for 'keep' (the subnetwork alone): use 'keep'."
+                    if mode == "hard" else suggest(mode, MODES))
+            raise MaskError(f"Unknown mask mode {mode!r}; modes are {MODES}.{hint}")
         if mode != getattr(self, "_mode", None):
             _clear_parametrize_cache()
         self._mode = mode

@@ -108,8 +108,10 @@ def test_modes_soft_off_and_using(native_model):
         with ms.using("keep"):  # logits 0 -> hard mask False everywhere
             assert torch.equal(t.weight, torch.zeros_like(w))
         assert ms.mode == "soft"
-    with pytest.raises(MaskError, match="Unknown mask mode"):
+    with pytest.raises(MaskError, match="Unknown mask mode.*Did you mean: soft"):
         ms.mode = "sfot"
+    with pytest.raises(MaskError, match="use 'keep'"):
+        ms.mode = "hard"  # the old synonym of keep
 
 
 def test_attach_to_another_instance_of_the_same_model(tiny_tokenizer):
