@@ -21,6 +21,7 @@ from analyses.layout import layout_analysis
 from analyses.overlap import OverlapResult, overlap_analysis, plot_overlap_layers
 from interp.masks.targets import BLOCK_KINDS
 from interp.plots import color_for, figure
+from interp.report import format_p
 from interp.results import Result, bulky
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class CheckpointsResult(Result):
                 rows.append({"pair": f"{ov.label_a} → {ov.label_b}",
                              "layer": "-" if lo.layer is None else lo.layer,
                              "shared": lo.overlap, "expected": lo.expected, "ratio": lo.ratio,
-                             "p": lo.p_value})
+                             "p": format_p(lo.p_value)})
         return rows
 
 

@@ -64,6 +64,11 @@ def test_entries_resume_and_consecutive_overlaps(native_model, tmp_path):
     rec = metrics_record(res.to_dict())
     assert [(o["step_a"], o["step_b"]) for o in rec["overlaps"]] == [(10, 20), (20, 30)]
     assert "mask_path" not in rec["entries"][0]
+    rows = res.overlap_rows()
+    assert [(r["pair"], r["layer"]) for r in rows] == [
+        ("step 10 → step 20", 0), ("step 10 → step 20", 1),
+        ("step 20 → step 30", 0), ("step 20 → step 30", 1)]
+    assert all(r["p"].startswith("p ") for r in rows)  # formatted, never a bare 0
     assert len(rec["overlaps"][0]["layers"]) == 2
 
 
