@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,25 +43,21 @@ def _in_worker(_data) -> None:
 
 
 _CALLBACK = _CALLBACK_TYPE(_in_worker)  # kept alive for the process
-_gomp_cache: list = []
 
 
+@functools.cache
 def _gomp():
     """torch's own libgomp (the one its kernels use), or None."""
-    if not _gomp_cache:
-        lib = None
-        for path in sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*")):
-            try:
-                lib = ctypes.CDLL(str(path))
-                lib.GOMP_parallel.argtypes = [_CALLBACK_TYPE, ctypes.c_void_p, ctypes.c_uint,
-                                              ctypes.c_uint]
-                break
-            except (OSError, AttributeError):
-                lib = None
-        if lib is None:
-            log.debug("torch's libgomp not found: flush-to-zero covers the calling thread only")
-        _gomp_cache.append(lib)
-    return _gomp_cache[0]
+    for path in sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*")):
+        try:
+            lib = ctypes.CDLL(str(path))
+            lib.GOMP_parallel.argtypes = [_CALLBACK_TYPE, ctypes.c_void_p, ctypes.c_uint,
+                                          ctypes.c_uint]
+            return lib
+        except (OSError, AttributeError):
+            continue
+    log.debug("torch's libgomp not found: flush-to-zero covers the calling thread only")
+    return None
 
 
 def set_flush_denormal(flag: bool) -> bool:

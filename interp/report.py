@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from interp.io import atomic_write_text
+from interp.results import format_value
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
@@ -40,13 +41,7 @@ def format_p(p: float | None) -> str:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        if v != v:
-            return "n/a"
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return html.escape(str(v))
+    return html.escape(format_value(v))
 
 
 def _cell(v) -> str:

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, TypeVar
 from interp.errors import DataError
 from interp.io import _finite, read_json, write_json
 
-__all__ = ["Result", "bulky", "html_table"]
+__all__ = ["Result", "bulky", "format_value", "html_table"]
 
 R = TypeVar("R", bound="Result")
 
@@ -43,13 +43,16 @@ def bulky(default_factory: Any = list, **kwargs: Any) -> Any:
                              metadata={_BULKY: True}, **kwargs)
 
 
-def _format(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """How a value reads in a summary table or report cell (plain text, not escaped):
+    4 significant digits, thousands separators for counts and large numbers, NaN/None as
+    'n/a', containers by size."""
     if isinstance(v, bool) or v is None:
         return "n/a" if v is None else str(v)
     if isinstance(v, float):
         if not math.isfinite(v):
             return "n/a" if v != v else str(v)
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, (list, tuple)):
@@ -57,7 +60,7 @@ def _format(v: Any) -> str:
     if isinstance(v, dict):
         if len(v) <= 6 and all(isinstance(x, (int, float, str, bool)) or x is None
                                for x in v.values()):
-            return ", ".join(f"{k}: {_format(x)}" for k, x in v.items())
+            return ", ".join(f"{k}: {format_value(x)}" for k, x in v.items())
         return f"{{{len(v)} entries}}"
     if isinstance(v, Result):
         return f"{type(v).__name__}(…)"
@@ -68,7 +71,7 @@ def html_table(rows: list[tuple[str, Any]], caption: str = "") -> str:
     """A small two-column HTML table (name, formatted value) for notebook display."""
     cap = f"<caption style='text-align:left'><b>{html.escape(caption)}</b></caption>" if caption else ""
     body = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
-                   f"<td style='text-align:right'>{html.escape(_format(v))}</td></tr>"
+                   f"<td style='text-align:right'>{html.escape(format_value(v))}</td></tr>"
                    for k, v in rows)
     return f"<table>{cap}{body}</table>"
 
@@ -132,7 +135,7 @@ class Result:
         return html_table(self.summary_rows(), caption=type(self).__name__)
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={_format(v) if isinstance(v, (list, dict)) else repr(v)}"
+        inner = ", ".join(f"{k}={format_value(v) if isinstance(v, (list, dict)) else repr(v)}"
                           for k, v in self.summary_rows())
         return f"{type(self).__name__}({inner})"
 

@@ -77,7 +77,8 @@ class StudyContext:
                                seed=seed)
 
 
-def _read(path: Path) -> dict:
+def read_artifact(path: Path) -> dict:
+    """A stage's JSON artifact; a damaged one raises DataError saying to delete it."""
     return read_json(path, what="Study artifact", fix=_FIX)
 
 
@@ -189,7 +190,7 @@ def run_sweep(ctx: StudyContext) -> None:
     ctx.sweep = sweep.lambda_sweep(cfg.lambdas, train, evaluate, ctx.masks_dir, prefix="bigram",
                                    load=MaskSet.load, tolerance=cfg.tolerance)
     path = ctx.out / "sweep.json"
-    if not path.is_file() or _read(path) != ctx.sweep.to_dict():
+    if not path.is_file() or read_artifact(path) != ctx.sweep.to_dict():
         ctx.sweep.save(path)
     ctx.bigram = MaskSet.load(ctx.masks_dir / ctx.sweep.selected.path)
     ctx.random = ctx.bigram.random_like(seed=cfg.seed + 1000)
@@ -212,7 +213,7 @@ def run_controls(ctx: StudyContext) -> None:
     """The paper's cheap controls: the embeddings alone, and a random-init model's subnetwork."""
     cfg = ctx.cfg
     path = ctx.out / "controls.json"
-    controls = _read(path) if path.is_file() else {}
+    controls = read_artifact(path) if path.is_file() else {}
     if "embeddings_only" not in controls:
         controls["embeddings_only"] = _sufficiency(ctx, ctx.model, MaskSet.empty(ctx.model))
         write_json(path, controls)
@@ -236,7 +237,7 @@ def evaluate(ctx: StudyContext) -> None:
     """Sufficiency of every network, necessity (ablation), layout, overlap, generations."""
     path = ctx.out / "evaluation.json"
     if path.is_file():
-        ctx.results.update(_read(path))
+        ctx.results.update(read_artifact(path))
         return
     model, batches = ctx.model, ctx.eval_batches()
     res = {"sufficiency": {
@@ -264,7 +265,7 @@ def residual_stream(ctx: StudyContext) -> None:
     """Residual stream views for the full model, the bigram and the random subnetwork."""
     path = ctx.out / "residual.json"
     if path.is_file():
-        ctx.results["residual"] = _read(path)
+        ctx.results["residual"] = read_artifact(path)
         return
     batches = ctx.eval_batches(ctx.cfg.residual_sequences)
     out = {"full": residual.residual_analysis(ctx.model, batches, label="full model",

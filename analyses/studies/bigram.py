@@ -25,7 +25,7 @@ import torch
 
 from analyses.studies._bigram_config import RECIPES, BigramStudyConfig, MaskRecipe
 from analyses.studies._bigram_report import checks, write_figures, write_report
-from analyses.studies._bigram_stages import STAGES, StudyContext, collect_metrics
+from analyses.studies._bigram_stages import STAGES, StudyContext, collect_metrics, read_artifact
 from interp.errors import ConfigError
 from interp.io import read_json, write_json
 from interp.report import format_p
@@ -140,9 +140,7 @@ def _check_artifacts(out: Path) -> None:
     """DataError naming the first stage artifact in ``out`` that is not a readable JSON dict."""
     for name in _ARTIFACTS:
         if (out / name).is_file():
-            read_json(out / name, what="Study artifact",
-                      fix="Delete it to recompute it (the stage reruns), or rerun with a new "
-                          "--out.")
+            read_artifact(out / name)
 
 
 def run_bigram_study(cfg: BigramStudyConfig) -> BigramStudyResult:
