@@ -16,6 +16,7 @@ A batch is a ``[batch, pos]`` LongTensor of tokens, a dict with ``"tokens"`` (an
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -26,7 +27,8 @@ from interp.data.bigram import BigramCounts
 from interp.errors import InterpError
 from interp.models.lm import lm_loss
 
-__all__ = ["BigramObjective", "LMObjective", "SelfDistillationObjective", "soft_target_ce"]
+__all__ = ["BigramObjective", "LMObjective", "PixelMatchObjective", "SelfDistillationObjective",
+           "soft_target_ce"]
 
 Tokens = Int[Tensor, "batch pos"]
 
@@ -153,3 +155,33 @@ class SelfDistillationObjective:
 
     def __repr__(self) -> str:
         return "SelfDistillationObjective()"
+
+
+class PixelMatchObjective:
+    """KL(teacher || model) between two pixel models' predicted distributions, in bits per
+    subpixel: the masked model learns to predict like ``teacher`` (a local model for the
+    image analogue of a bigram subnetwork, or an unmasked copy of the model itself for its
+    optimal subnetwork). Batches are uint8 images ``[batch, C, H, W]``.
+    """
+
+    name = "pixel_match"
+
+    def __init__(self, teacher, label: str = "teacher"):
+        self.teacher = teacher.eval()
+        self.label = label
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, model, batch) -> Tensor:
+        with torch.no_grad():
+            self.teacher.to(batch.device)
+            target = self.teacher.log_pmf(batch)
+        log_q = model.log_pmf(batch)
+        kl = (target.exp() * (target - log_q)).sum(-1)
+        return kl.mean() / math.log(2.0)
+
+    def config(self) -> dict:
+        return {"name": self.name, "teacher": self.label}
+
+    def __repr__(self) -> str:
+        return f"PixelMatchObjective(teacher={self.label!r})"

@@ -1,0 +1,187 @@
+"""Pixel models: causality, exact receptive fields, heads, training with checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from interp.errors import ConfigError, DataError
+from interp.models.checkpoints import CheckpointStore
+from interp.models.pixel import (
+    FullPixelCNN,
+    LocalPixelCNN,
+    PixelConfig,
+    build_pixel_model,
+    pixel_targets,
+    receptive_field,
+)
+from interp.models.pixel_train import PixelTrainConfig, evaluate_bpd, train_pixel_model
+
+SHAPES = [(1, "categorical"), (1, "logistic"), (3, "categorical"), (3, "logistic")]
+
+
+def _randomise(model, std=0.3, seed=0):
+    """Nonzero weights everywhere (the full model's correction starts at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for m in model.modules():
+            if hasattr(m, "causal_mask"):
+                m.weight.mul_(m.causal_mask)
+    return model
+
+
+def _causal_past(C, H, W, c, i, j):
+    """Subpixels strictly before (c, i, j) in raster-then-channel order."""
+    past = torch.zeros(C, H, W, dtype=torch.bool)
+    past[:, :i] = True
+    past[:, i, :j] = True
+    past[:c, i, j] = True
+    return past
+
+
+def _horizon_window(C, H, W, c, i, j, h):
+    win = torch.zeros(C, H, W, dtype=torch.bool)
+    win[:, max(0, i - h):i, max(0, j - h):j + h + 1] = True
+    win[:, i, max(0, j - h):j] = True
+    win[:c, i, j] = True
+    return win
+
+
+@pytest.mark.parametrize("C,head", SHAPES)
+def test_local_receptive_field_is_exactly_the_horizon(C, head):
+    h = 2
+    model = _randomise(LocalPixelCNN(PixelConfig(channels=C, horizon=h, hidden=6 * C,
+                                                 head=head, mixtures=2)))
+    H = W = 9
+    for c, i, j in [(0, 4, 4), (C - 1, 4, 4), (C - 1, 0, 0), (0, 8, 0), (C - 1, 1, 8)]:
+        rf = receptive_field(model, (C, H, W), (c, i, j))
+        assert torch.equal(rf, _horizon_window(C, H, W, c, i, j, h)), (c, i, j)
+
+
+@pytest.mark.parametrize("C,head", SHAPES)
+def test_full_receptive_field_is_the_whole_causal_past(C, head):
+    model = _randomise(FullPixelCNN(PixelConfig(kind="full", channels=C, horizon=1,
+                                                hidden=3 * C, head=head, mixtures=2,
+                                                stack_channels=4, dilations=(1, 2, 4))))
+    H = W = 8  # reach 1 + 2 + 4 + 1 = 8 pixels back covers the image
+    for c, i, j in [(C - 1, 7, 7), (0, 7, 0), (C - 1, 3, 5), (0, 0, 0)]:
+        rf = receptive_field(model, (C, H, W), (c, i, j))
+        assert torch.equal(rf, _causal_past(C, H, W, c, i, j)), (c, i, j)
+
+
+@pytest.mark.parametrize("kind", ["local", "full"])
+def test_changing_a_pixel_never_changes_itself_or_earlier_predictions(kind):
+    torch.manual_seed(0)
+    cfg = PixelConfig(kind=kind, channels=3, horizon=1, hidden=6, head="logistic", mixtures=2,
+                      stack_channels=4, dilations=(1, 2))
+    model = _randomise(build_pixel_model(cfg)).eval()
+    x = torch.randint(0, 256, (1, 3, 5, 5), dtype=torch.uint8)
+    base = model.log_pmf(x)
+    for c, i, j in itertools.product(range(3), range(5), range(5)):
+        y = x.clone()
+        y[0, c, i, j] = 255 - y[0, c, i, j]
+        changed = (model.log_pmf(y) - base).abs().amax(-1)[0] > 0
+        order = torch.arange(75).reshape(5, 5, 3).permute(2, 0, 1)  # raster, then channel
+        not_after = order <= order[c, i, j]
+        assert not changed[not_after].any(), (c, i, j)
+
+
+def test_full_model_from_local_starts_equal_and_has_hooks():
+    local = _randomise(LocalPixelCNN(PixelConfig(hidden=8, head="categorical")))
+    full = FullPixelCNN.from_local(local, stack_channels=4, dilations=(1, 2))
+    x = torch.randint(0, 256, (2, 1, 6, 6), dtype=torch.uint8)
+    assert torch.allclose(full.log_probs(x), local.log_probs(x))
+    _, cache = full.run_with_cache(x)
+    for name in ("local.hook_in", "local.blocks.0.hook_out", "local.hook_features",
+                 "stack.1.hook_v", "stack.1.hook_h", "hook_correction"):
+        assert name in cache, name
+    assert cache["hook_correction"].abs().max() == 0
+
+
+@pytest.mark.parametrize("head", ["categorical", "logistic"])
+def test_pmf_normalised_and_consistent_with_log_probs(head):
+    model = _randomise(LocalPixelCNN(PixelConfig(channels=3, hidden=6, head=head, mixtures=3)),
+                       std=0.5)
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    x[0, :, 0, 0], x[0, :, 0, 1] = 0, 255  # the edge bins of the logistic
+    pmf = model.pmf(x)
+    assert torch.allclose(pmf.sum(-1), torch.ones(()), atol=1e-4)
+    picked = pmf.gather(-1, x.long().unsqueeze(-1)).squeeze(-1).log()
+    assert torch.allclose(picked, model.log_probs(x), atol=1e-4)
+    assert (pmf > 0).all()
+
+
+def test_bits_per_dim_of_uniform_prediction_is_eight():
+    model = LocalPixelCNN(PixelConfig(hidden=4, head="categorical"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    x = torch.randint(0, 256, (3, 1, 5, 5), dtype=torch.uint8)
+    assert torch.allclose(model.bits_per_dim(x), torch.full((3,), 8.0))
+
+
+def test_pixel_targets_cover_every_kernel_with_positions():
+    full = FullPixelCNN(PixelConfig(kind="full", hidden=4, blocks=2, stack_channels=4,
+                                    dilations=(1, 2)))
+    ts = pixel_targets(full)
+    assert {t.block for t in ts} == {"local_in", "local_block", "head", "stack_in", "stack_v",
+                                      "stack_h", "stack_v2h", "stack_out", "correction"}
+    n_kernels = sum(1 for m in full.modules() if hasattr(m, "causal_mask"))
+    assert len(ts) == n_kernels
+    conv_in = next(t for t in ts if t.name == "local.conv_in")
+    assert not conv_in.nonzero()[:, :, -1, conv_in.shape[-1] // 2:].any()  # masked taps
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="Did you mean"):
+        PixelConfig(head="logistc").validate()
+    with pytest.raises(ConfigError, match="multiple of channels"):
+        PixelConfig(channels=3, hidden=32).validate()
+    with pytest.raises(ConfigError):
+        PixelConfig(horizon=0).validate()
+
+
+def _images(n=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (n, 1, 1, 1), generator=gen)
+    noise = torch.randint(-8, 9, (n, 1, 6, 6), generator=gen)
+    return (base + noise).clamp(0, 255).to(torch.uint8)
+
+
+def test_training_lowers_bpd_and_resumes_identically(tmp_path):
+    imgs = _images()
+    cfg = PixelTrainConfig(steps=12, batch_size=8, lr=1e-2, eval_every=6, checkpoint_every=4)
+
+    def build():
+        torch.manual_seed(0)
+        return LocalPixelCNN(PixelConfig(hidden=8, horizon=1, head="logistic", mixtures=2))
+
+    a = build()
+    before = evaluate_bpd(a, imgs).mean()
+    res = train_pixel_model(a, imgs, imgs[:16], cfg, progress=False)
+    assert evaluate_bpd(a, imgs).mean() < before
+    assert res.steps == 12 and len(res.history) == 12 and "val_bpd" in res.history[5]
+
+    b = build()
+    store = CheckpointStore(tmp_path / "s", identity={"x": 1})
+    train_pixel_model(b, imgs, None, cfg, store=store, progress=False, stop_after=5)
+    assert store.steps() == [4]  # step 5 was lost with the "crash"
+    b2 = build()
+    r2 = train_pixel_model(b2, imgs, None, cfg, store=store, progress=False)
+    assert r2.resumed_from == 4
+    for (n, p), q in zip(a.state_dict().items(), b2.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def test_training_rejects_bad_images(unchecked):
+    model = LocalPixelCNN(PixelConfig(hidden=4))
+    with unchecked(), pytest.raises(DataError, match="uint8"):
+        train_pixel_model(model, torch.rand(4, 1, 5, 5), progress=False)
+    with pytest.raises(DataError, match="channels"):
+        train_pixel_model(model, torch.zeros(4, 3, 5, 5, dtype=torch.uint8), progress=False)
+    with pytest.raises(DataError, match="empty"):
+        train_pixel_model(model, torch.zeros(0, 1, 5, 5, dtype=torch.uint8), progress=False)
