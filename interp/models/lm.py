@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -438,13 +438,16 @@ def train_lm(
     device: str | torch.device | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    loss_fn: Callable[..., Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; with a ``store``, checkpoint and resume from its last step.
 
     Batches are a deterministic function of (seed, step), and the optimizer state and RNG are
     checkpointed, so an interrupted run resumed from the store ends with the same weights as
     an uninterrupted one. ``stop_after`` ends the run early after that many steps (used to
-    simulate an interruption).
+    simulate an interruption). ``loss_fn(model, batch) -> scalar`` replaces the next-token
+    loss of the training steps (an objective, e.g. :class:`interp.distill.KDObjective`);
+    validation still reports the next-token loss.
     """
     from interp.data.text import iterate_batches
 
@@ -485,7 +488,8 @@ def train_lm(
     overfit = _overfit_step(history)
     with no_denormals():
         loss_val, val_loss, overfit = _train_steps(
-            model, opt, batches, bar, cfg, val_tokens, device, store, history, overfit)
+            model, opt, batches, bar, cfg, val_tokens, device, store, history, overfit,
+            loss_fn)
     seconds = time.perf_counter() - t0
     model.eval()
     n = end - start
@@ -509,7 +513,8 @@ def _overfit_step(history: list[dict]) -> int | None:
     return None
 
 
-def _train_steps(model, opt, batches, bar, cfg, val_tokens, device, store, history, overfit):
+def _train_steps(model, opt, batches, bar, cfg, val_tokens, device, store, history, overfit,
+                 loss_fn=None):
     """The optimizer steps of :func:`train_lm` (``bar`` iterates over step indices)."""
     loss_val, val_loss = float("nan"), float("nan")
     best_val = min((r["val_loss"] for r in history if r.get("val_loss") is not None),
@@ -518,7 +523,7 @@ def _train_steps(model, opt, batches, bar, cfg, val_tokens, device, store, histo
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         batch = next(batches).to(device)
-        loss = lm_loss(model(batch), batch)
+        loss = lm_loss(model(batch), batch) if loss_fn is None else loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
