@@ -14,9 +14,7 @@ leaf), :mod:`._bigram_stages` (the stages table), :mod:`._bigram_report` (figure
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import torch
 from analyses.studies._bigram_config import RECIPES, BigramStudyConfig, MaskRecipe
 from analyses.studies._bigram_report import checks, write_figures, write_report
 from analyses.studies._bigram_stages import STAGES, StudyContext, collect_metrics, read_artifact
-from interp.errors import ConfigError
+from analyses.studies.common import StageTimer, open_run_dir
 from interp.io import read_json, write_json
 from interp.report import format_p
 from interp.results import Result, bulky
@@ -86,78 +84,17 @@ def _verdict(holds: bool | None) -> str:
     return "n/a" if holds is None else ("yes" if holds else "NO")
 
 
-class _Timer:
-    """Seconds per stage, saved after every stage to ``timings.json``.
-
-    A stage that wrote nothing into the run directory only reloaded finished artifacts: it
-    keeps the time it took when it really ran, so a resumed or repeated run reports what its
-    results cost, not how long reloading them took.
-    """
-
-    def __init__(self, out: Path):
-        self.out, self.path = out, out / "timings.json"
-        self.timings: dict[str, float] = (
-            read_json(self.path, what="Stage timings",
-                      fix="Delete it; the timings are recomputed on the next run.")
-            if self.path.is_file() else {})
-
-    def _files(self) -> dict[Path, int]:
-        return {p: p.stat().st_mtime_ns for p in self.out.rglob("*")
-                if p.is_file() and p != self.path}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        log.info("stage %s", stage)
-        before, t0 = self._files(), time.perf_counter()
-        yield
-        spent = time.perf_counter() - t0
-        if self._files() != before or stage not in self.timings:
-            self.timings[stage] = round(spent, 2)
-        write_json(self.path, self.timings)
-
-
-def _check_run_dir(out: Path, cfg: BigramStudyConfig) -> None:
-    """Tie ``out`` to ``cfg``: refuse a directory holding another configuration's run."""
-    path = out / "config.json"
-    if path.is_file():
-        stored = read_json(path, error=ConfigError, what="Run configuration",
-                           fix="Pass a new --out, or delete the directory to start over.")
-        diff = cfg.diff(stored)
-        if diff:
-            raise ConfigError(
-                f"Run directory {str(out)!r} holds a run with another configuration (differs in: "
-                f"{', '.join(diff)}). Pass a new --out, or delete the directory to start over."
-            )
-    write_json(path, cfg.to_dict())
-
-
 #: Stage artifacts a rerun reads back; checked before any stage runs, so a damaged one is
 #: reported at once instead of after the stages before it (metrics.json is only written).
 _ARTIFACTS = ("sweep.json", "controls.json", "evaluation.json", "residual.json")
 
 
-def _check_artifacts(out: Path) -> None:
-    """DataError naming the first stage artifact in ``out`` that is not a readable JSON dict."""
-    for name in _ARTIFACTS:
-        if (out / name).is_file():
-            read_artifact(out / name)
-
-
 def run_bigram_study(cfg: BigramStudyConfig) -> BigramStudyResult:
     """Run (or resume) the whole study; see the module docstring for the stages."""
     cfg.validate()
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file, not a directory. Pass a directory.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise ConfigError(f"Cannot create the run directory {str(out)!r}: {e.strerror} (a file "
-                          "is in the way). Pass another --out.") from e
-    _check_run_dir(out, cfg)
-    _check_artifacts(out)
+    out = open_run_dir(cfg.out, cfg, _ARTIFACTS, read_artifact)
     torch.manual_seed(cfg.seed)
-    timer = _Timer(out)
+    timer = StageTimer(out)
     ctx = StudyContext(cfg, out)
 
     for name, stage in STAGES:

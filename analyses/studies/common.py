@@ -1,9 +1,14 @@
-"""Pieces every study composes: corpus + tokenizer resolution with on-disk reuse."""
+"""Pieces every study composes: the run directory (tied to its config, artifacts checked
+before any stage runs), per-stage timings, corpus + tokenizer resolution with on-disk reuse."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from interp.data.text import (
     Corpus,
@@ -15,9 +20,75 @@ from interp.data.text import (
     tokenize_corpus,
     train_tokenizer,
 )
-from interp.errors import ModelLoadError
+from interp.errors import ConfigError, ModelLoadError
+from interp.io import read_json, write_json
 
 log = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Seconds per stage, saved after every stage to ``timings.json``.
+
+    A stage that wrote nothing into the run directory only reloaded finished artifacts: it
+    keeps the time it took when it really ran, so a resumed or repeated run reports what its
+    results cost, not how long reloading them took.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.path = out, out / "timings.json"
+        self.timings: dict[str, float] = (
+            read_json(self.path, what="Stage timings",
+                      fix="Delete it; the timings are recomputed on the next run.")
+            if self.path.is_file() else {})
+
+    def _files(self) -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for p in self.out.rglob("*")
+                if p.is_file() and p != self.path}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        log.info("stage %s", stage)
+        before, t0 = self._files(), time.perf_counter()
+        yield
+        spent = time.perf_counter() - t0
+        if self._files() != before or stage not in self.timings:
+            self.timings[stage] = round(spent, 2)
+        write_json(self.path, self.timings)
+
+
+def check_run_dir(out: Path, cfg: Any) -> None:
+    """Tie ``out`` to ``cfg``: refuse a directory holding another configuration's run."""
+    path = out / "config.json"
+    if path.is_file():
+        stored = read_json(path, error=ConfigError, what="Run configuration",
+                           fix="Pass a new --out, or delete the directory to start over.")
+        diff = cfg.diff(stored)
+        if diff:
+            raise ConfigError(
+                f"Run directory {str(out)!r} holds a run with another configuration (differs in: "
+                f"{', '.join(diff)}). Pass a new --out, or delete the directory to start over."
+            )
+    write_json(path, cfg.to_dict())
+
+
+def open_run_dir(out: str | Path, cfg: Any, artifacts: Iterable[str] = (),
+                 read: Callable[[Path], Any] | None = None) -> Path:
+    """Create the run directory ``out`` (ConfigError if a file is in the way), tie it to
+    ``cfg`` (which has ``to_dict()`` and ``diff(stored)``), and read every finished artifact
+    named in ``artifacts`` with ``read`` so a damaged one fails now, not stages later."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a directory. Pass a directory.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ConfigError(f"Cannot create the run directory {str(out)!r}: {e.strerror} (a file "
+                          "is in the way). Pass another --out.") from e
+    check_run_dir(out, cfg)
+    for name in artifacts:
+        if read is not None and (out / name).is_file():
+            read(out / name)
+    return out
 
 
 def resolve_corpus(spec: str) -> Corpus:
