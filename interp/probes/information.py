@@ -31,6 +31,15 @@ module implements that rule with estimators whose assumptions are stated:
     decodes more but costs ``steps`` passes over ``N x (D h + h P)``; use it for small
     inputs or on an accelerator.
 
+    Features are standardised with training-split statistics only. Columns that are constant,
+    or whose training std is below :data:`MIN_RELATIVE_STD` (1e-3) times the median std of
+    the non-constant columns, are dropped; held-out z-scores are clipped per column to the
+    range seen in training. Without this, a ReLU unit that fires on one or two training rows
+    gets a tiny std, reaches ``|z|`` of thousands on held-out rows where it fires, and the
+    fitted decoder extrapolates (held-out R^2 far below 0, ``I(X;F)`` floored to 0). The
+    decoder applied to held-out rows is still a fixed function of ``F`` fitted without them,
+    so the estimate stays a held-out one; the same standardisation feeds the probe.
+
 ``I(Y;F)``, probe (Barber-Agakov variational lower bound, nats)
     A linear softmax probe ``q(y|f)`` (standardised features, L2 penalty, full-batch L-BFGS
     from zeros: the problem is convex, so it is deterministic) is trained on the training
@@ -113,6 +122,9 @@ RIDGE_GRID = tuple(10.0 ** (e / 2) for e in range(-12, 5))
 FALLBACK_RIDGE = 1e-2
 #: L2 penalties the probe chooses from (largest first; warm-started path).
 L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4)
+#: Feature columns whose training std is below this fraction of the median training std of
+#: the non-constant columns are dropped before a decoder or probe is fitted.
+MIN_RELATIVE_STD = 1e-3
 
 
 # --------------------------------------------------------------------------- results
@@ -411,11 +423,26 @@ def _check_rows(counts: Mapping[str, int]) -> None:
 
 
 def _standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
-    """z-score both splits with the training split's mean and std (constant columns: std 1)."""
+    """z-score both splits with the training split's statistics, robust to rare units.
+
+    Every statistic comes from the training split only (nothing is chosen on held-out rows):
+
+    * columns that are constant on the training split, or whose training std is below
+      :data:`MIN_RELATIVE_STD` times the median std of the non-constant columns, are set to
+      0 in both splits (dropped) instead of being divided by a tiny std;
+    * held-out z-scores are clipped, per column, to the range the training z-scores span, so
+      a unit that is almost always off in training (a rarely firing ReLU) cannot reach
+      ``|z|`` in the thousands on a held-out row and make a fitted model extrapolate.
+    """
     mean = train.mean(0)
     std = train.std(0)
-    std = torch.where(std > 1e-8 * (1 + mean.abs()), std, torch.ones_like(std))
-    return (train - mean) / std, (test - mean) / std
+    varies = std > 1e-8 * (1 + mean.abs())
+    if varies.any():
+        varies &= std >= MIN_RELATIVE_STD * std[varies].median()
+    scale = torch.where(varies, std.reciprocal(), torch.zeros_like(std))
+    ztr = (train - mean) * scale
+    zte = torch.maximum(torch.minimum((test - mean) * scale, ztr.amax(0)), ztr.amin(0))
+    return ztr, zte
 
 
 def _solve_dtype(device: torch.device) -> torch.dtype:

@@ -269,3 +269,89 @@ def test_distill_lm_brings_the_student_closer_to_the_teacher(tiny_tokenizer, lm_
     assert store.steps() == [15, 30] and res.n_teachers == 1
     # the teacher is left as it was: eval mode, no gradients accumulated
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
+
+
+# --------------------------------------------------------------------------- self-distillation
+
+
+def test_classifier_self_distillation_is_kd_to_the_unmasked_logits(digits, teacher_run):
+    """By hand: with teacher logits in the batch it is T^2 KL(p_t^T || p_s^T); without them
+    the unmasked logits are computed with the mask switched off; a full mask costs 0."""
+    from interp.distill import ClassifierSelfDistillation
+    from interp.masks import MaskSet
+
+    x = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
+    model = torch.nn.Linear(2, 3)
+    t = torch.tensor([[0.5, 0.0, 2.5], [1.0, -1.0, 0.0]])
+    obj = ClassifierSelfDistillation(temperature=2.0)
+    with torch.no_grad():
+        s = model(x).tolist()
+    kl = sum(sum(q * (math.log(q) - math.log(p))
+                 for p, q in zip(_softmax(srow, 2.0), _softmax(trow, 2.0)))
+             for srow, trow in zip(s, t.tolist()))
+    assert obj(model, (x, t)).item() == pytest.approx(4.0 * kl / 2, rel=1e-5)
+    assert obj(model, {"images": x, "teacher_logits": t}).item() == pytest.approx(
+        4.0 * kl / 2, rel=1e-5)
+    assert obj.config() == {"objective": "classifier_self_distillation", "temperature": 2.0}
+
+    (images, _), _ = digits
+    teacher, _ = teacher_run
+    images = images[:64]
+    targets = {"fc": (teacher.fc, "weight"), "head": (teacher.head, "weight")}
+    empty = MaskSet.empty(teacher, targets=targets)
+    with torch.no_grad():
+        full_logits = teacher(images)
+    sd = ClassifierSelfDistillation(empty, temperature=4.0)
+    with empty.applied(teacher, mode="keep"):
+        with torch.no_grad():
+            masked_logits = teacher(images)
+        loss = sd(teacher, images).item()
+    assert loss == pytest.approx(kd_loss(masked_logits, full_logits, temperature=4.0).item(),
+                                 rel=1e-5)
+    assert loss > 0.1  # dropping the whole fc and head changes the outputs
+    full = MaskSet.full(teacher, targets=targets)
+    with full.applied(teacher, mode="keep"):
+        assert ClassifierSelfDistillation(full)(teacher, images).item() < 1e-6
+    with pytest.raises(ConfigError, match="no mask set"):
+        ClassifierSelfDistillation()(teacher, images)
+    with pytest.raises(ConfigError, match="'images'"):
+        ClassifierSelfDistillation(full)(teacher, {"x": images})
+    with pytest.raises(ConfigError, match="temperature"):
+        ClassifierSelfDistillation(temperature=0.0)
+
+
+def test_fit_masks_with_self_distillation_keeps_the_teachers_outputs(digits, teacher_run):
+    """A sparse subnetwork trained with the objective reproduces the teacher's predictions far
+    better than a random subnetwork with the same number of weights in every matrix."""
+    from interp.distill import ClassifierSelfDistillation
+    from interp.masks import ContinuousSparsification, MaskSet, fit_masks
+    from interp.models.classifier import predict_logits
+
+    (images, labels), (val_images, _) = digits
+    teacher, _ = teacher_run
+    targets = {"blocks.0.conv": (teacher.blocks[0].layers[0], "weight"),
+               "blocks.1.conv": (teacher.blocks[1].layers[0], "weight"),
+               "fc": (teacher.fc, "weight"), "head": (teacher.head, "weight")}
+    ms = MaskSet.for_model(teacher, ContinuousSparsification(temperature_factor=1.03),
+                           targets=targets)
+    logits = predict_logits(teacher, images)
+
+    def batches(seed):
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            for idx in torch.randperm(len(images), generator=gen).split(100):
+                yield images[idx], logits[idx]
+
+    res = fit_masks(teacher, ms, ClassifierSelfDistillation(ms, 4.0), batches, lam=5.0,
+                    lr=0.1, max_steps=120, progress=False)
+    assert res.steps > 10 and 0.01 < ms.active_fraction() < 0.6, ms.active_fraction()
+    full = predict_logits(teacher, val_images).argmax(-1)
+
+    def agreement(mask):
+        with mask.applied(teacher, mode="keep"):
+            return float((predict_logits(teacher, val_images).argmax(-1) == full)
+                         .float().mean())
+
+    fitted, chance = agreement(ms), agreement(ms.random_like(seed=0))
+    assert fitted > 0.85 and fitted > chance + 0.3, (fitted, chance)
+    assert all(p.requires_grad for p in teacher.parameters())  # unfrozen again

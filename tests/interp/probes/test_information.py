@@ -284,3 +284,34 @@ def test_ridge_selection_matches_brute_force():
     chosen = _select_ridge(_moments(fi, xi, torch.float64), _moments(fv, xv, torch.float64), grid)
     assert chosen == RIDGE_GRID[errors.index(min(errors))]
     assert chosen > RIDGE_GRID[0]  # noisy targets: the search does not just take the smallest
+
+
+@pytest.mark.parametrize("spike", [1.0, 1e-4])
+def test_rare_unit_does_not_break_held_out_estimates(spike):
+    """A unit zero on every training row but one and large on a few held-out rows (a rarely
+    firing ReLU) used to get |z| ~ 10^3-10^6 on held-out rows: the decoder's R^2 fell far
+    below 0 and I(X;F) was floored to 0. spike 1.0: clipped to the training range;
+    spike 1e-4: training std below the relative floor, column dropped."""
+    from interp.probes.information import _split
+
+    g = _gen(6)
+    n = 1000
+    x = torch.randn(n, 8, generator=g)
+    f = torch.relu(torch.cat([x, -x], 1) + 0.3 * torch.randn(n, 16, generator=g))
+    y = (x[:, 0] > 0).long()
+    train, test = _split(n, 0.2, 0)
+    rare = torch.zeros(n, 1)
+    rare[train[0]] = spike
+    rare[test[:5]] = 50.0
+    with_rare = torch.cat([f, rare], 1)
+    clean = decoder_information(f, x, seed=0)
+    dec = decoder_information(with_rare, x, seed=0)
+    assert dec.r2 > 0.5 and dec.i_xf > 0
+    assert dec.r2 == pytest.approx(clean.r2, abs=0.01)
+    assert dec.i_xf == pytest.approx(clean.i_xf, rel=0.03)
+    mlp = decoder_information(with_rare, x, seed=0, decoder="mlp", hidden=32, steps=100)
+    assert mlp.r2 > 0.5 and mlp.i_xf > 0
+    probe = probe_information(with_rare, y, seed=0)
+    assert probe.i_yf == pytest.approx(probe_information(f, y, seed=0).i_yf, abs=0.02)
+    curve = information_curve({"rare": with_rare, "clean": f}, x, y, seed=0)
+    assert curve.get("rare").r2_x == pytest.approx(dec.r2, rel=1e-5)
