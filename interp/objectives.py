@@ -162,26 +162,42 @@ class PixelMatchObjective:
     subpixel: the masked model learns to predict like ``teacher`` (a local model for the
     image analogue of a bigram subnetwork, or an unmasked copy of the model itself for its
     optimal subnetwork). Batches are uint8 images ``[batch, C, H, W]``.
+
+    With two categorical heads the KL is exact (a sum over the 256 values). Otherwise it is
+    the Monte Carlo estimate ``E_v~teacher[log p_teacher(v) - log p_model(v)]`` over
+    ``samples`` values per subpixel: unbiased, and 256 / ``samples`` times cheaper than the
+    exact sum over a logistic mixture's values.
     """
 
     name = "pixel_match"
 
-    def __init__(self, teacher, label: str = "teacher"):
+    def __init__(self, teacher, label: str = "teacher", samples: int = 8, seed: int = 0):
         self.teacher = teacher.eval()
         self.label = label
+        self.samples = samples
+        self._gen: torch.Generator | None = None
+        self.seed = seed
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
     def __call__(self, model, batch) -> Tensor:
         with torch.no_grad():
             self.teacher.to(batch.device)
-            target = self.teacher.log_pmf(batch)
-        log_q = model.log_pmf(batch)
-        kl = (target.exp() * (target - log_q)).sum(-1)
-        return kl.mean() / math.log(2.0)
+            t_params = self.teacher(batch)
+        params = model(batch)
+        if self.teacher.config.head == model.config.head == "categorical":
+            target, log_q = t_params.log_softmax(2), params.log_softmax(2)
+            return (target.exp() * (target - log_q)).sum(2).mean() / math.log(2.0)
+        if self._gen is None or self._gen.device != batch.device:
+            self._gen = torch.Generator(device=batch.device).manual_seed(self.seed)
+        with torch.no_grad():
+            values = self.teacher.sample_values(t_params, self.samples, self._gen)
+            log_t = self.teacher.log_prob_of(t_params, values)
+        log_q = model.log_prob_of(params, values)
+        return (log_t - log_q).mean() / math.log(2.0)
 
     def config(self) -> dict:
-        return {"name": self.name, "teacher": self.label}
+        return {"name": self.name, "teacher": self.label, "samples": self.samples}
 
     def __repr__(self) -> str:
-        return f"PixelMatchObjective(teacher={self.label!r})"
+        return f"PixelMatchObjective(teacher={self.label!r}, samples={self.samples})"

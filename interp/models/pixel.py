@@ -117,40 +117,52 @@ def scale_input(x: Tensor) -> Float[Tensor, "*shape"]:
     return x.to(torch.float32) * (2.0 / 255.0) - 1.0
 
 
+def _bin_mass(lo: Tensor, hi: Tensor) -> Tensor:
+    """``σ(hi) - σ(lo)``, taken on the side where it is small so both tails keep precision."""
+    return torch.where(lo > 0, torch.sigmoid(-lo) - torch.sigmoid(-hi),
+                       torch.sigmoid(hi) - torch.sigmoid(lo))
+
+
+def _mix_uniform(p: Tensor) -> Tensor:
+    """log of ``(1 - w) p + w / 256``: no value has zero probability."""
+    return torch.log((1.0 - UNIFORM_WEIGHT) * p + UNIFORM_WEIGHT / 256.0)
+
+
 def _logistic_log_probs(
     params: Float[Tensor, "batch c p h w"], x: Tensor, mixtures: int
 ) -> Float[Tensor, "batch c h w"]:
-    """log P(x) under a discretized logistic mixture (per subpixel, nats)."""
+    """log P(x) under a discretized logistic mixture (per subpixel, nats): each component's
+    mass on the bin ``[x - 1/2, x + 1/2]`` (open-ended at 0 and 255), mixed, then mixed with
+    the uniform."""
     logit_pi, mu, log_s = params.split(mixtures, dim=2)
-    log_s = log_s.clamp(min=-7.0)
+    inv_s = torch.exp(-log_s.clamp(min=-7.0))
     c = scale_input(x).unsqueeze(2)
-    centered = c - mu
-    inv_s = torch.exp(-log_s)
-    plus_in = inv_s * (centered + 1.0 / 255.0)
-    min_in = inv_s * (centered - 1.0 / 255.0)
-    log_cdf_plus = plus_in - F.softplus(plus_in)            # x == 0
-    log_one_minus_cdf_min = -F.softplus(min_in)             # x == 255
-    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
-    mid_in = inv_s * centered
-    log_pdf_mid = mid_in - log_s - 2.0 * F.softplus(mid_in)
-    log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)),
-                          log_pdf_mid - math.log(127.5))
     xi = x.unsqueeze(2)
-    log_p = torch.where(xi == 0, log_cdf_plus, torch.where(xi == 255, log_one_minus_cdf_min, log_mid))
-    log_mix = torch.logsumexp(log_p + F.log_softmax(logit_pi, dim=2), dim=2)
-    return torch.logaddexp(log_mix + math.log1p(-UNIFORM_WEIGHT),
-                           torch.full_like(log_mix, math.log(UNIFORM_WEIGHT / 256.0)))
+    inf = torch.tensor(float("inf"), device=params.device)
+    lo = torch.where(xi == 0, -inf, inv_s * (c - 1.0 / 255.0 - mu))
+    hi = torch.where(xi == 255, inf, inv_s * (c + 1.0 / 255.0 - mu))
+    p = (torch.softmax(logit_pi, dim=2) * _bin_mass(lo, hi)).sum(2)
+    return _mix_uniform(p)
 
 
 def logistic_log_pmf(params: Float[Tensor, "*batch p"], mixtures: int
                      ) -> Float[Tensor, "*batch 256"]:
-    """log of the full 256-value PMF of discretized logistic mixtures (last axis: params)."""
-    lead, p = params.shape[:-1], params.shape[-1]
-    flat = params.reshape(-1, p)
-    n = flat.shape[0]
-    values = torch.arange(256, device=params.device).expand(n, 256).reshape(-1, 1, 1, 1)
-    rows = flat[:, None, :].expand(n, 256, p).reshape(-1, 1, p, 1, 1)
-    return _logistic_log_probs(rows, values, mixtures).reshape(*lead, 256)
+    """log of the full 256-value PMF of discretized logistic mixtures (last axis: params).
+
+    Each component's CDF is evaluated once at the 257 bin edges (-inf, the 255 midpoints,
+    +inf); a bin's mass is the difference taken on the side of the distribution where it
+    is small (``σ(b) - σ(a)`` below the mean, ``σ(-a) - σ(-b)`` above), so both tails keep
+    their precision. Agrees with :meth:`log_probs` to float32 rounding.
+    """
+    logit_pi, mu, log_s = params.unsqueeze(-1).split(mixtures, dim=-2)
+    inv_s = torch.exp(-log_s.clamp(min=-7.0))
+    inner = torch.arange(1, 256, device=params.device, dtype=params.dtype) * (2.0 / 255.0) - 1.0
+    inner = inner - 1.0 / 255.0
+    z = inv_s * (inner - mu)                                   # [..., K, 255]
+    big = torch.full_like(z[..., :1], float("inf"))
+    z = torch.cat([-big, z, big], dim=-1)                      # [..., K, 257]
+    p = (torch.softmax(logit_pi, dim=-2) * _bin_mass(z[..., :-1], z[..., 1:])).sum(-2)
+    return _mix_uniform(p)
 
 
 # --------------------------------------------------------------------------- configs
@@ -231,10 +243,48 @@ class _PixelModel(HookedRootModule):
 
     def log_probs(self, x: UInt8[Tensor, "batch c h w"]) -> Float[Tensor, "batch c h w"]:
         """log P(x[b, c, i, j] | its causal past), nats, per subpixel."""
-        params = self(x)
+        return self.log_prob_of(self(x), x.unsqueeze(0))[0]
+
+    def log_prob_of(self, params: Float[Tensor, "batch c p h w"],
+                    values: UInt8[Tensor, "n batch c h w"]) -> Float[Tensor, "n batch c h w"]:
+        """log P of ``n`` candidate values per subpixel under head parameters ``params``
+        (from ``self(x)``: the context stays the true image)."""
+        n = values.shape[0]
         if self.config.head == "categorical":
-            return params.log_softmax(dim=2).gather(2, x.long().unsqueeze(2)).squeeze(2)
-        return _logistic_log_probs(params, x, self.config.mixtures)
+            lp = params.log_softmax(dim=2).unsqueeze(0).expand(n, *params.shape)
+            return lp.gather(3, values.long().unsqueeze(3)).squeeze(3)
+        flat = params.unsqueeze(0).expand(n, *params.shape).reshape(-1, *params.shape[1:])
+        out = _logistic_log_probs(flat, values.reshape(-1, *values.shape[2:]),
+                                  self.config.mixtures)
+        return out.reshape(values.shape)
+
+    def sample_values(self, params: Float[Tensor, "batch c p h w"], n: int,
+                      generator: torch.Generator | None = None) -> UInt8[Tensor, "n batch c h w"]:
+        """``n`` values per subpixel drawn from the distributions ``params`` describe (each
+        subpixel given its true context: a Monte Carlo sample for KL estimates, not an
+        autoregressive image sample)."""
+        b, c, p, h, w = params.shape
+        dev = params.device
+
+        def rand(*shape: int) -> Tensor:
+            return torch.rand(*shape, generator=generator, device=dev)
+
+        if self.config.head == "categorical":
+            probs = params.softmax(dim=2).permute(0, 1, 3, 4, 2).reshape(-1, p)
+            v = torch.multinomial(probs, n, replacement=True, generator=generator)
+            return v.T.reshape(n, b, c, h, w).to(torch.uint8)
+        k = self.config.mixtures
+        logit_pi, mu, log_s = params.detach().unsqueeze(0).split(k, dim=3)
+        gumbel = -torch.log(-torch.log(rand(n, b, c, k, h, w).clamp(1e-12, 1 - 1e-7)))
+        comp = (logit_pi + gumbel).argmax(dim=3, keepdim=True)
+        mu = mu.expand(n, -1, -1, -1, -1, -1).gather(3, comp).squeeze(3)
+        scale = log_s.clamp(min=-7.0).exp().expand(n, -1, -1, -1, -1, -1).gather(3, comp).squeeze(3)
+        u = rand(n, b, c, h, w).clamp(1e-6, 1 - 1e-6)
+        xs = mu + scale * (torch.log(u) - torch.log1p(-u))
+        v = torch.round((xs + 1.0) * 127.5).clamp(0, 255)
+        uniform = rand(n, b, c, h, w) < UNIFORM_WEIGHT
+        v = torch.where(uniform, torch.floor(rand(n, b, c, h, w) * 256).clamp(max=255), v)
+        return v.to(torch.uint8)
 
     def log_pmf(self, x: UInt8[Tensor, "batch c h w"]) -> Float[Tensor, "batch c h w 256"]:
         """log of each subpixel's predicted distribution over its 256 values."""
