@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 OUT    ?= runs/default
 ARGS   ?=
 
-.PHONY: install install-test run quick test bench clean
+.PHONY: install install-test run quick ood distill test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ run: install
 
 quick: install
 	$(VENV)/bin/interp bigram --quick --out runs/quick $(ARGS)
+
+ood: install
+	$(VENV)/bin/interp ood --out runs/ood $(ARGS)
+
+distill: install
+	$(VENV)/bin/interp distill --out runs/distill $(ARGS)
 
 test: install
 	$(PY) -m pytest -q --timeout=1200

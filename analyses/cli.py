@@ -2,6 +2,7 @@
 
     interp bigram   [--out DIR] [--quick] [--recipe mini|paper] ...   the bigram study end to end
     interp train-lm [--out DIR] [--preset NAME] ...                    train a preset LM
+    interp distill  [--out DIR] [--quick] [--pairs N] ...              distillation from checkpoints
 
 Exit codes: 0 done, 2 bad input or a failed check (the message says what to do; no
 traceback), 130 interrupted (rerun the same command to resume).
@@ -43,6 +44,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -159,6 +170,147 @@ def _cmd_bigram(args) -> int:
     return 0
 
 
+_OOD_FLAGS = ("in_data", "out_data", "seeds", "n_train", "local_steps", "full_steps",
+              "compress_steps", "mask_steps", "mask_lambda", "horizon")
+
+
+def ood_config(args):
+    """The image-likelihood study config from parsed CLI arguments (``--quick`` first)."""
+    from analyses.studies._ood_config import OODStudyConfig
+
+    over = {"out": args.out, "device": args.device}
+    over.update({f: getattr(args, f) for f in _OOD_FLAGS if getattr(args, f) is not None})
+    if "seeds" in over:
+        over["seeds"] = tuple(int(s) for s in over["seeds"])
+    return (OODStudyConfig.quick_defaults(**over) if args.quick
+            else OODStudyConfig(**over).validate())
+
+
+def _cmd_ood(args) -> int:
+    from analyses.studies.ood import run_ood_study
+
+    _check_device(args.device)
+    _check_out(args.out)
+    result = run_ood_study(ood_config(args))
+    print(result.summary())
+    print(f"\nreport: {result.report_path}")
+    return 0
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    """Comma-separated non-negative integers."""
+    try:
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers (e.g. 0,1,2)") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more seeds >= 0, e.g. 0,1,2")
+    return seeds
+
+
+def _add_ood_parser(sub) -> None:
+    from interp.data.images import BUILTIN_IMAGE_SETS
+
+    o = sub.add_parser("ood", help="image likelihood: local vs full models, OOD detection, "
+                                   "lossless compression, local subnetworks")
+    o.add_argument("--out", default="runs/ood", help="run directory (reused on rerun)")
+    o.add_argument("--quick", action="store_true", help="a smaller run (CI and smoke tests)")
+    o.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    sets = sorted(BUILTIN_IMAGE_SETS)
+    o.add_argument("--in-data", default=None, choices=sets,
+                   help="in-distribution image set (default patches)")
+    o.add_argument("--out-data", default=None, choices=sets,
+                   help="out-of-distribution image set (default mnist)")
+    o.add_argument("--seeds", type=_seed_list, default=None,
+                   help="comma-separated model seeds (default 0,1,2)")
+    o.add_argument("--n-train", type=_positive_int, default=None, help="training images")
+    o.add_argument("--horizon", type=_positive_int, default=None,
+                   help="the local model's reach h (kernel 2h+1)")
+    o.add_argument("--local-steps", type=_positive_int, default=None)
+    o.add_argument("--full-steps", type=_positive_int, default=None)
+    o.add_argument("--compress-steps", type=_positive_int, default=None)
+    o.add_argument("--mask-steps", type=_positive_int, default=None)
+    o.add_argument("--mask-lambda", type=_nonnegative_float, default=None,
+                   help="sparsity weight of the local subnetwork")
+    o.set_defaults(func=_cmd_ood)
+
+
+#: CLI flag attribute -> distillation config field (only flags actually given override).
+_DISTILL_FLAGS = ("seed", "teacher_epochs", "student_epochs", "pairs", "curve_seeds",
+                  "temperature", "alpha", "lam", "mask_steps", "curve_epochs",
+                  "subnetwork_epochs", "snapshot_epochs", "intermediate_epoch")
+
+
+def _epoch_list(text: str) -> tuple[int, ...]:
+    """Comma-separated epochs (whole numbers >= 1)."""
+    try:
+        epochs = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated epochs such as 6,15,30, got {text!r}") from None
+    if not epochs or min(epochs) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more epochs >= 1, e.g. 6,15,30")
+    return epochs
+
+
+def distill_config(args):
+    """The distillation study config from parsed CLI arguments (``--quick`` first), then
+    every flag that was given, including explicit zeros."""
+    from analyses.studies._distill_config import DistillStudyConfig
+
+    over = {"out": args.out, "device": args.device}
+    over.update({f: getattr(args, f) for f in _DISTILL_FLAGS if getattr(args, f) is not None})
+    return (DistillStudyConfig.quick_defaults(**over) if args.quick
+            else DistillStudyConfig(**over).validate())
+
+
+def _cmd_distill(args) -> int:
+    from analyses.studies.distill import run_distill_study
+
+    _check_device(args.device)
+    _check_out(args.out)
+    result = run_distill_study(distill_config(args))
+    print(result.summary())
+    print(f"\nreport: {result.report_path}")
+    return 0
+
+
+def _add_distill_parser(sub) -> None:
+    d = sub.add_parser("distill", help="distillation from teacher checkpoints: students per "
+                                       "checkpoint, ensembles, information, subnetworks")
+    d.add_argument("--out", default="runs/distill", help="run directory (reused on rerun)")
+    d.add_argument("--quick", action="store_true", help="a smaller run (CI and smoke tests)")
+    d.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    d.add_argument("--seed", type=_nonnegative_int, default=None,
+                   help="seeds the teacher (ensemble teacher k: seed + k) and the students")
+    d.add_argument("--teacher-epochs", type=_positive_int, default=None,
+                   help="teacher epochs (default 30; LR drops at 1/2 and 5/6)")
+    d.add_argument("--student-epochs", type=_positive_int, default=None,
+                   help="student epochs (default 20)")
+    d.add_argument("--pairs", type=_positive_int, default=None,
+                   help="paired seeds of the pre-registered comparison (default 15, >= 2)")
+    d.add_argument("--intermediate-epoch", type=_positive_int, default=None,
+                   help="the compared intermediate checkpoint (default: the first LR drop)")
+    d.add_argument("--curve-seeds", type=_positive_int, default=None,
+                   help="students per curve checkpoint (default 3)")
+    d.add_argument("--curve-epochs", type=_epoch_list, default=None,
+                   help="comma-separated teacher checkpoints of the student curve")
+    d.add_argument("--snapshot-epochs", type=_epoch_list, default=None,
+                   help="comma-separated checkpoints of the snapshot ensemble (default 9,15,21)")
+    d.add_argument("--subnetwork-epochs", type=_epoch_list, default=None,
+                   help="comma-separated checkpoints to fit subnetworks in (default 6,15,30)")
+    d.add_argument("--temperature", type=_positive_float, default=None,
+                   help="distillation temperature T (default 4)")
+    d.add_argument("--alpha", type=_nonnegative_float, default=None,
+                   help="weight of the label cross-entropy, 0..1 (default 0: pure KD)")
+    d.add_argument("--lam", type=_nonnegative_float, default=None,
+                   help="sparsity weight of the teacher subnetworks (default 20)")
+    d.add_argument("--mask-steps", type=_positive_int, default=None,
+                   help="maximum mask-training steps per subnetwork")
+    d.set_defaults(func=_cmd_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from analyses.studies._bigram_config import RECIPES
 
@@ -192,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrains after an unrecovered loss spike (paper: 2, i.e. 3 attempts)")
     _add_data_args(b)
     b.set_defaults(func=_cmd_bigram)
+
+    _add_ood_parser(sub)
+    _add_distill_parser(sub)
 
     t = sub.add_parser("train-lm", help="train a preset LM with checkpoints")
     t.add_argument("--out", default="runs/lm")

@@ -5,6 +5,13 @@ ablated and compared. See docs/ and DESIGN.md for the architecture.
 """
 
 from interp.data.bigram import BigramCounts
+from interp.data.images import (
+    ImageSet,
+    builtin_images,
+    load_hf_images,
+    load_image_array,
+    load_image_folder,
+)
 from interp.data.text import (
     Corpus,
     TokenizedCorpus,
@@ -37,6 +44,13 @@ from interp.masks import (
     random_masks,
 )
 from interp.models.checkpoints import CheckpointStore
+from interp.models.classifier import (
+    ClassifierConfig,
+    ClassifierTrainConfig,
+    CNNClassifier,
+    MLPClassifier,
+    train_classifier,
+)
 from interp.models.lm import (
     PRESETS,
     LMConfig,
@@ -46,8 +60,15 @@ from interp.models.lm import (
     load_hf_lm,
     train_lm,
 )
+from interp.models.pixel import FullPixelCNN, LocalPixelCNN, PixelConfig, pixel_targets
+from interp.models.pixel_train import PixelTrainConfig, evaluate_bpd, train_pixel_model
 from interp.numerics import no_denormals
-from interp.objectives import BigramObjective, LMObjective, SelfDistillationObjective
+from interp.objectives import (
+    BigramObjective,
+    LMObjective,
+    PixelMatchObjective,
+    SelfDistillationObjective,
+)
 from interp.report import Report
 from interp.results import Result, bulky
 
