@@ -24,10 +24,9 @@ import torch
 from analyses.studies._bigram_config import RECIPES, BigramStudyConfig, MaskRecipe
 from analyses.studies._bigram_report import checks, write_figures, write_report
 from analyses.studies._bigram_stages import STAGES, StudyContext, collect_metrics, read_artifact
-from analyses.studies.common import StageTimer, open_run_dir
-from interp.io import read_json, write_json
+from analyses.studies.common import StudyResult, open_run_dir, run_stages, verdict
+from interp.io import read_json
 from interp.report import format_p
-from interp.results import Result, bulky
 
 __all__ = ["RECIPES", "BigramStudyConfig", "BigramStudyResult", "MaskRecipe", "load_metrics",
            "run_bigram_study"]
@@ -36,13 +35,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(repr=False)
-class BigramStudyResult(Result):
+class BigramStudyResult(StudyResult):
     """Where the run wrote things, and its metrics (``metrics.json``)."""
-
-    out: Path
-    report_path: Path
-    metrics: dict = bulky(dict)
-    figures: dict[str, Path] = bulky(dict)
 
     def summary_rows(self) -> list[tuple[str, Any]]:
         m = self.metrics
@@ -73,15 +67,11 @@ class BigramStudyResult(Result):
         lines += [
             f"overlap bigram/optimal {m['overlap']['ratio']:.2f}x chance "
             f"({format_p(m['overlap']['p_value'])}); plurality in {lay['plurality_group']}",
-            "claims: " + ", ".join(f"{k}: {_verdict(c['holds'])}"
+            "claims: " + ", ".join(f"{k}: {verdict(c['holds'])}"
                                    for k, c in m["claims"].items()),
             "timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in m["timings"].items()),
         ]
         return "\n".join(lines)
-
-
-def _verdict(holds: bool | None) -> str:
-    return "n/a" if holds is None else ("yes" if holds else "NO")
 
 
 #: Stage artifacts a rerun reads back; checked before any stage runs, so a damaged one is
@@ -94,18 +84,9 @@ def run_bigram_study(cfg: BigramStudyConfig) -> BigramStudyResult:
     cfg.validate()
     out = open_run_dir(cfg.out, cfg, _ARTIFACTS, read_artifact)
     torch.manual_seed(cfg.seed)
-    timer = StageTimer(out)
-    ctx = StudyContext(cfg, out)
-
-    for name, stage in STAGES:
-        with timer(name):
-            stage(ctx)
-    metrics = collect_metrics(ctx)
-    metrics["claims"] = checks(metrics)
-    metrics["timings"] = dict(timer.timings)
-    write_json(out / "metrics.json", metrics)
-    figures = write_figures(ctx)
-    report = write_report(ctx, metrics)
+    metrics, figures, report = run_stages(
+        StudyContext(cfg, out), STAGES, collect=collect_metrics, checks=checks,
+        write_figures=lambda ctx, metrics: write_figures(ctx), write_report=write_report)
     return BigramStudyResult(out, report, metrics, figures)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from interp.data.text import (
 )
 from interp.errors import ConfigError, ModelLoadError
 from interp.io import read_json, write_json
+from interp.results import Result, bulky
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,39 @@ def open_run_dir(out: str | Path, cfg: Any, artifacts: Iterable[str] = (),
         if read is not None and (out / name).is_file():
             read(out / name)
     return out
+
+
+@dataclass(repr=False)
+class StudyResult(Result):
+    """What every study returns: where the run wrote things, and its ``metrics.json``."""
+
+    out: Path
+    report_path: Path
+    metrics: dict = bulky(dict)
+    figures: dict[str, Path] = bulky(dict)
+
+
+def verdict(holds: bool | None) -> str:
+    """A claim's ``holds`` as a word for summaries."""
+    return "n/a" if holds is None else ("yes" if holds else "NO")
+
+
+def run_stages(ctx: Any, stages: Sequence[tuple[str, Callable[[Any], None]]], *,
+               collect: Callable[[Any], dict], checks: Callable[[dict], dict],
+               write_figures: Callable[[Any, dict], dict],
+               write_report: Callable[[Any, dict], Path]) -> tuple[dict, dict, Path]:
+    """Run every stage in order (timed into ``timings.json``), then write ``metrics.json``
+    (with the claims and timings), the figures and the report; returns all three."""
+    timer = StageTimer(ctx.out)
+    for name, stage in stages:
+        with timer(name):
+            stage(ctx)
+    metrics = collect(ctx)
+    metrics["claims"] = checks(metrics)
+    metrics["timings"] = dict(timer.timings)
+    write_json(ctx.out / "metrics.json", metrics)
+    figures = write_figures(ctx, metrics)
+    return metrics, figures, write_report(ctx, metrics)
 
 
 def resolve_corpus(spec: str) -> Corpus:

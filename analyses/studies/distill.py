@@ -26,9 +26,9 @@ import torch
 from analyses.studies._distill_config import DistillStudyConfig
 from analyses.studies._distill_report import checks, write_figures, write_report
 from analyses.studies._distill_stages import STAGES, StudyContext, collect_metrics, read_artifact
-from analyses.studies.common import StageTimer, open_run_dir
-from interp.io import read_json, write_json
-from interp.results import Result, bulky
+from analyses.studies.common import StudyResult, open_run_dir, run_stages, verdict
+from interp.io import read_json
+from interp.results import bulky
 
 __all__ = ["DistillStudyConfig", "DistillStudyResult", "load_metrics", "run_distill_study"]
 
@@ -36,16 +36,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(repr=False)
-class DistillStudyResult(Result):
+class DistillStudyResult(StudyResult):
     """Where the run wrote things, and its metrics (``metrics.json``).
 
     ``trained`` counts what this call trained (``students``, ``masks``): 0 for a rerun of a
     finished run, which reuses every artifact."""
 
-    out: Path
-    report_path: Path
-    metrics: dict = bulky(dict)
-    figures: dict[str, Path] = bulky(dict)
     trained: dict = bulky(dict)
 
     def summary_rows(self) -> list[tuple[str, Any]]:
@@ -83,7 +79,7 @@ class DistillStudyResult(Result):
             f"pre-registered  epoch {pre['intermediate_epoch']} - epoch {pre['final_epoch']}: "
             f"{pre['mean_difference_points']:+.2f} points, 95% CI {ci_text}, intermediate won "
             f"{pre['intermediate_wins']} of {pre['n_pairs']} pairs; interval excludes 0: "
-            f"{_verdict(pre['interval_excludes_zero'])}",
+            f"{verdict(pre['interval_excludes_zero'])}",
             f"student alone   {100 * m['student_alone_accuracy']:.2f}%   final teacher "
             f"{100 * m['final_teacher_student_accuracy']:.2f}%   best epoch "
             f"{m['best_teacher_epoch']} {100 * m['best_student_accuracy']:.2f}%",
@@ -95,15 +91,11 @@ class DistillStudyResult(Result):
             f"vs full {100 * full['student_accuracy']:.2f}% (teachers "
             f"{_secs(snap['teacher_seconds'])} vs {_secs(full['teacher_seconds'])})",
             f"subnetworks     {subs}",
-            "claims: " + ", ".join(f"{k}: {_verdict(c['holds'])}"
+            "claims: " + ", ".join(f"{k}: {verdict(c['holds'])}"
                                    for k, c in m["claims"].items()),
             "timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in m["timings"].items()),
         ]
         return "\n".join(lines)
-
-
-def _verdict(holds: bool | None) -> str:
-    return "n/a" if holds is None else ("yes" if holds else "NO")
 
 
 def _secs(v: float | None) -> str:
@@ -123,18 +115,10 @@ def run_distill_study(cfg: DistillStudyConfig) -> DistillStudyResult:
     for path in sorted((out / "students").glob("*.json")):
         read_artifact(path)
     torch.manual_seed(cfg.seed)
-    timer = StageTimer(out)
     ctx = StudyContext(cfg, out)
-
-    for name, stage in STAGES:
-        with timer(name):
-            stage(ctx)
-    metrics = collect_metrics(ctx)
-    metrics["claims"] = checks(metrics)
-    metrics["timings"] = dict(timer.timings)
-    write_json(out / "metrics.json", metrics)
-    figures = write_figures(ctx, metrics)
-    report = write_report(ctx, metrics)
+    metrics, figures, report = run_stages(
+        ctx, STAGES, collect=collect_metrics, checks=checks, write_figures=write_figures,
+        write_report=write_report)
     return DistillStudyResult(out, report, metrics, figures, dict(ctx.trained))
 
 

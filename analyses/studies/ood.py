@@ -24,10 +24,9 @@ import torch
 from analyses.studies._ood_config import OODStudyConfig
 from analyses.studies._ood_report import checks, write_figures, write_report
 from analyses.studies._ood_stages import STAGES, OODContext, collect_metrics, read_artifact
-from analyses.studies.common import StageTimer, open_run_dir
+from analyses.studies.common import StudyResult, open_run_dir, run_stages, verdict
 from interp.errors import ConfigError
-from interp.io import read_json, write_json
-from interp.results import Result, bulky
+from interp.io import read_json
 
 __all__ = ["OODStudyConfig", "OODStudyResult", "load_metrics", "run_ood_study"]
 
@@ -38,13 +37,8 @@ _ARTIFACTS = ("ood.json", "compression.json", "subnetwork.json")
 
 
 @dataclass(repr=False)
-class OODStudyResult(Result):
+class OODStudyResult(StudyResult):
     """Where the run wrote things, and its metrics (``metrics.json``)."""
-
-    out: Path
-    report_path: Path
-    metrics: dict = bulky(dict)
-    figures: dict[str, Path] = bulky(dict)
 
     def summary_rows(self) -> list[tuple[str, Any]]:
         m = self.metrics
@@ -80,9 +74,8 @@ class OODStudyResult(Result):
             s = m["local_subnetwork"]
             lines.append(f"local subnetwork  {100 * s['active_fraction']:.2f}% active, non-local "
                          f"AUROC {s['auroc_nonlocal']:.3f}")
-        lines.append("claims: " + ", ".join(
-            f"{k}: {'n/a' if c['holds'] is None else ('yes' if c['holds'] else 'NO')}"
-            for k, c in m["claims"].items()))
+        lines.append("claims: " + ", ".join(f"{k}: {verdict(c['holds'])}"
+                                            for k, c in m["claims"].items()))
         lines.append("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in m["timings"].items()))
         return "\n".join(lines)
 
@@ -94,17 +87,9 @@ def run_ood_study(cfg: OODStudyConfig) -> OODStudyResult:
         raise ConfigError(f"--device {cfg.device} was asked for but no CUDA GPU is visible. "
                           "Use --device cpu.")
     out = open_run_dir(cfg.out, cfg, _ARTIFACTS, read_artifact)
-    timer = StageTimer(out)
-    ctx = OODContext(cfg, out)
-    for name, stage in STAGES:
-        with timer(name):
-            stage(ctx)
-    metrics = collect_metrics(ctx)
-    metrics["claims"] = checks(metrics)
-    metrics["timings"] = dict(timer.timings)
-    write_json(out / "metrics.json", metrics)
-    figures = write_figures(ctx, metrics)
-    report = write_report(ctx, metrics)
+    metrics, figures, report = run_stages(
+        OODContext(cfg, out), STAGES, collect=collect_metrics, checks=checks,
+        write_figures=write_figures, write_report=write_report)
     return OODStudyResult(out, report, metrics, figures)
 
 
