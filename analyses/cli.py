@@ -159,15 +159,20 @@ def bigram_config(args):
     return build(args.recipe, **over)
 
 
-def _cmd_bigram(args) -> int:
-    from analyses.studies.bigram import run_bigram_study
-
+def _run_study(args, run, make_config) -> int:
+    """Check the device and --out, build the config, run the study, print its summary."""
     _check_device(args.device)
     _check_out(args.out)
-    result = run_bigram_study(bigram_config(args))
+    result = run(make_config(args))
     print(result.summary())
     print(f"\nreport: {result.report_path}")
     return 0
+
+
+def _cmd_bigram(args) -> int:
+    from analyses.studies.bigram import run_bigram_study
+
+    return _run_study(args, run_bigram_study, bigram_config)
 
 
 _OOD_FLAGS = ("in_data", "out_data", "seeds", "n_train", "local_steps", "full_steps",
@@ -189,12 +194,7 @@ def ood_config(args):
 def _cmd_ood(args) -> int:
     from analyses.studies.ood import run_ood_study
 
-    _check_device(args.device)
-    _check_out(args.out)
-    result = run_ood_study(ood_config(args))
-    print(result.summary())
-    print(f"\nreport: {result.report_path}")
-    return 0
+    return _run_study(args, run_ood_study, ood_config)
 
 
 def _seed_list(text: str) -> tuple[int, ...]:
@@ -268,12 +268,7 @@ def distill_config(args):
 def _cmd_distill(args) -> int:
     from analyses.studies.distill import run_distill_study
 
-    _check_device(args.device)
-    _check_out(args.out)
-    result = run_distill_study(distill_config(args))
-    print(result.summary())
-    print(f"\nreport: {result.report_path}")
-    return 0
+    return _run_study(args, run_distill_study, distill_config)
 
 
 def _add_distill_parser(sub) -> None:

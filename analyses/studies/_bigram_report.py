@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from analyses import ablation, layout, overlap, residual, sufficiency, sweep
 from analyses import checkpoints as ckpt_analysis
 from analyses.studies._bigram_stages import StudyContext
-from interp.plots import save_figure
+from analyses.studies.common import claim_verdict, write_figure_files
 from interp.report import Report, format_p
 
 #: The study's acceptance targets (from the paper's findings at toy scale).
@@ -115,15 +115,11 @@ def build_figures(ctx: StudyContext) -> dict[str, go.Figure]:
 
 def write_figures(ctx: StudyContext) -> dict[str, Path]:
     ctx.figures = build_figures(ctx)
-    return {name: save_figure(fig, ctx.out / "figures" / f"{name}.html")[0]
-            for name, fig in ctx.figures.items()}
+    return write_figure_files(ctx.figures, ctx.out)
 
 
 # --------------------------------------------------------------------------- report
 
-
-def _verdict(holds: bool | None) -> str:
-    return "n/a (not checkable)" if holds is None else ("yes" if holds else "NO")
 
 
 def write_report(ctx: StudyContext, metrics: dict) -> Path:
@@ -161,7 +157,7 @@ def write_report(ctx: StudyContext, metrics: dict) -> Path:
         ("plurality", lay["plurality_group"] or "n/a",
          claims["plurality in the first MLP"]["holds"]),
     ])
-    rep.table([{"claim": k, "holds": _verdict(c["holds"]), "measured": c["measured"],
+    rep.table([{"claim": k, "holds": claim_verdict(c["holds"]), "measured": c["measured"],
                 "paper / target": c["target"]} for k, c in claims.items()],
               caption="The paper's claims, checked on this run (as measured; 'n/a' where the "
                       "run cannot check a claim).")
@@ -232,9 +228,9 @@ def write_report(ctx: StudyContext, metrics: dict) -> Path:
     rep.heading("4. Where the subnetwork sits")
     rep.text(
         f"The most kept weights are in layer {lay['plurality_layer']} "
-        f"(plurality in layer 0: {_verdict(lay['plurality_in_first_layer'])}); the largest "
+        f"(plurality in layer 0: {claim_verdict(lay['plurality_in_first_layer'])}); the largest "
         f"(layer, attention/MLP) group is {lay['plurality_group']} (plurality in the first "
-        f"MLP: {_verdict(lay['plurality_in_first_mlp'])}). Shares say where the subnetwork's "
+        f"MLP: {claim_verdict(lay['plurality_in_first_mlp'])}). Shares say where the subnetwork's "
         "weights are; densities say how much of each block it keeps.")
     rep.figure(figs["layout"], "Share of the bigram subnetwork's weights per layer and block.")
     rep.figure(figs["layout_density"], "Fraction of each block's weights the subnetwork keeps.")

@@ -19,10 +19,10 @@ from torch import Tensor
 from analyses import ablation, layout, overlap, residual, sufficiency, sweep
 from analyses import checkpoints as ckpt_analysis
 from analyses.studies._bigram_config import BigramStudyConfig, model_kind
-from analyses.studies.common import load_corpus_and_tokenizer
+from analyses.studies.common import load_corpus_and_tokenizer, read_artifact
 from interp.data.bigram import BigramCounts
 from interp.data.text import Corpus, TokenizedCorpus, iterate_batches, to_sequences
-from interp.io import read_json, write_json
+from interp.io import write_json
 from interp.masks import ContinuousSparsification, FitResult, MaskSet, fit_masks
 from interp.models.checkpoints import CheckpointStore
 from interp.models.lm import PRESETS, TrainConfig, build_lm, load_hf_lm, train_lm
@@ -31,7 +31,6 @@ from interp.objectives import BigramObjective, SelfDistillationObjective
 log = logging.getLogger(__name__)
 
 GENERATION_PROMPT = "KING:\nWhat say you"
-_FIX = "Delete it to recompute it (the stage reruns), or rerun with a new --out."
 
 
 @dataclass
@@ -76,10 +75,6 @@ class StudyContext:
         return iterate_batches(self.tokens.train, self.cfg.mask_batch, self.cfg.seq_len,
                                seed=seed)
 
-
-def read_artifact(path: Path) -> dict:
-    """A stage's JSON artifact; a damaged one raises DataError saying to delete it."""
-    return read_json(path, what="Study artifact", fix=_FIX)
 
 
 # --------------------------------------------------------------------------- data and model

@@ -9,7 +9,8 @@ import plotly.graph_objects as go
 from analyses import layout, overlap
 from analyses.studies._distill_config import MIN_PAIRS
 from analyses.studies._distill_stages import StudyContext
-from interp.plots import color_for, figure, save_figure, subplots
+from analyses.studies.common import claim_verdict, write_figure_files
+from interp.plots import color_for, figure, subplots
 from interp.report import Report, format_p
 
 #: Mean student-accuracy loss (points) a masked teacher may cost and still "keep the benefit".
@@ -301,15 +302,11 @@ def build_figures(ctx: StudyContext, metrics: dict) -> dict[str, go.Figure]:
 
 def write_figures(ctx: StudyContext, metrics: dict) -> dict[str, Path]:
     ctx.figures = build_figures(ctx, metrics)
-    return {name: save_figure(fig, ctx.out / "figures" / f"{name}.html")[0]
-            for name, fig in ctx.figures.items()}
+    return write_figure_files(ctx.figures, ctx.out)
 
 
 # --------------------------------------------------------------------------- report
 
-
-def _verdict(holds: bool | None) -> str:
-    return "n/a (not checkable)" if holds is None else ("yes" if holds else "NO")
 
 
 def _ci_row(label: str, mean: float, ci: list | None, n: int) -> dict:
@@ -360,7 +357,7 @@ def write_report(ctx: StudyContext, metrics: dict) -> Path:
         ("snapshot ensemble's students (%)", 100 * snap["student_accuracy"], None),
         ("full ensemble's students (%)", 100 * full["student_accuracy"], None),
     ])
-    rep.table([{"claim": k, "holds": _verdict(c["holds"]), "measured": c["measured"],
+    rep.table([{"claim": k, "holds": claim_verdict(c["holds"]), "measured": c["measured"],
                 "paper / target": c["target"]} for k, c in claims.items()],
               caption="Claims and checks, as measured on this run ('n/a' where it cannot be "
                       "checked). Nothing was tuned to make a claim hold.")

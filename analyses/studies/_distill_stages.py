@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from analyses import layout, overlap
 from analyses.studies._distill_config import SPLIT_SEED, DistillStudyConfig
+from analyses.studies.common import read_artifact
 from interp.data.images import ImageSet, mnist_digits
 from interp.distill import (
     ClassifierSelfDistillation,
@@ -45,7 +46,7 @@ from interp.distill import (
     teacher_logits,
 )
 from interp.errors import DataError
-from interp.io import read_json, write_json
+from interp.io import write_json
 from interp.masks import ContinuousSparsification, MaskSet, find_targets, fit_masks
 from interp.models.checkpoints import CheckpointStore
 from interp.models.classifier import (
@@ -60,13 +61,8 @@ from interp.probes.information import collect_features, information_curve, selec
 
 log = logging.getLogger(__name__)
 
-_FIX = "Delete it to recompute it (the stage reruns), or rerun with a new --out."
 HOOK = "hook_features"
 
-
-def read_artifact(path: Path) -> dict:
-    """A stage's JSON artifact; a damaged one raises DataError saying to delete it."""
-    return read_json(path, what="Study artifact", fix=_FIX)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -8,7 +8,8 @@ import plotly.graph_objects as go
 
 from analyses import compression, layout, ood, overlap
 from analyses.studies._ood_stages import OODContext, ood_scores
-from interp.plots import color_for, figure, save_figure
+from analyses.studies.common import claim_verdict, write_figure_files
+from interp.plots import color_for, figure
 from interp.report import Report, format_p
 
 #: The study's acceptance targets (from the issue: the paper's findings at toy scale).
@@ -141,15 +142,11 @@ def build_figures(ctx: OODContext, metrics: dict) -> dict[str, go.Figure]:
 
 def write_figures(ctx: OODContext, metrics: dict) -> dict[str, Path]:
     ctx.figures = build_figures(ctx, metrics)
-    return {name: save_figure(fig, ctx.out / "figures" / f"{name}.html")[0]
-            for name, fig in ctx.figures.items()}
+    return write_figure_files(ctx.figures, ctx.out)
 
 
 # --------------------------------------------------------------------------- report
 
-
-def _verdict(holds: bool | None) -> str:
-    return "n/a (not checkable)" if holds is None else ("yes" if holds else "NO")
 
 
 def _score_rows(metrics: dict) -> list[dict]:
@@ -192,7 +189,7 @@ def write_report(ctx: OODContext, metrics: dict) -> Path:
         ("round trip exact", "yes" if comp["roundtrip_exact"] else "NO",
          claims["round trip bit-exact"]["holds"]),
     ])
-    rep.table([{"claim": k, "holds": _verdict(c["holds"]), "measured": c["measured"],
+    rep.table([{"claim": k, "holds": claim_verdict(c["holds"]), "measured": c["measured"],
                 "target": c["target"]} for k, c in claims.items()],
               caption="Claims checked on this run, as measured.")
 

@@ -20,10 +20,11 @@ from torch import Tensor
 
 from analyses import compression, layout, ood, overlap
 from analyses.studies._ood_config import OODStudyConfig
+from analyses.studies.common import ARTIFACT_FIX, read_artifact
 from interp.compress import QuantizedLocalModel, save_quantized
 from interp.data.images import ImageSet, builtin_images
 from interp.errors import ConfigError
-from interp.io import read_json, read_tensors, save_tensors, write_json
+from interp.io import read_tensors, save_tensors, write_json
 from interp.masks import ContinuousSparsification, MaskSet, fit_masks
 from interp.masks.files import mask_path
 from interp.models.checkpoints import CheckpointStore
@@ -33,7 +34,6 @@ from interp.objectives import PixelMatchObjective
 
 log = logging.getLogger(__name__)
 
-_FIX = "Delete it to recompute it (the stage reruns), or rerun with a new --out."
 #: bits/dim arrays saved per seed
 BPD_KEYS = ("local_in", "full_in", "local_out", "full_out", "full_reference")
 
@@ -57,10 +57,6 @@ class OODContext:
     def device(self) -> str:
         return self.cfg.device
 
-
-def read_artifact(path: Path) -> dict:
-    """A stage's JSON artifact; a damaged one raises DataError saying to delete it."""
-    return read_json(path, what="Study artifact", fix=_FIX)
 
 
 def _reuse_json(ctx: OODContext, name: str, compute: Callable[[], dict]) -> dict:
@@ -129,7 +125,7 @@ def train_models(ctx: OODContext) -> None:
         ctx.models[seed] = (local, full)
         if path.is_file():
             ctx.bpd[seed] = read_tensors(path, required=BPD_KEYS, what="Bits/dim artifact",
-                                         fix=_FIX)
+                                         fix=ARTIFACT_FIX)
             continue
         dev = ctx.device
         bpd = {"local_in": evaluate_bpd(local, ctx.in_test.images, device=dev),

@@ -108,6 +108,28 @@ def verdict(holds: bool | None) -> str:
     return "n/a" if holds is None else ("yes" if holds else "NO")
 
 
+def claim_verdict(holds: bool | None) -> str:
+    """A claim's ``holds`` as the reports' claims tables write it."""
+    return "n/a (not checkable)" if holds is None else verdict(holds)
+
+
+#: What to do about a damaged stage artifact.
+ARTIFACT_FIX = "Delete it to recompute it (the stage reruns), or rerun with a new --out."
+
+
+def read_artifact(path: Path) -> dict:
+    """A stage's JSON artifact; a damaged one raises DataError saying to delete it."""
+    return read_json(path, what="Study artifact", fix=ARTIFACT_FIX)
+
+
+def write_figure_files(figures: dict, out: Path) -> dict[str, Path]:
+    """Save every figure as ``out/figures/<name>.html``; returns the paths by name."""
+    from interp.plots import save_figure
+
+    return {name: save_figure(fig, out / "figures" / f"{name}.html")[0]
+            for name, fig in figures.items()}
+
+
 def run_stages(ctx: Any, stages: Sequence[tuple[str, Callable[[Any], None]]], *,
                collect: Callable[[Any], dict], checks: Callable[[dict], dict],
                write_figures: Callable[[Any, dict], dict],
