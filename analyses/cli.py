@@ -175,7 +175,7 @@ def _cmd_bigram(args) -> int:
     return _run_study(args, run_bigram_study, bigram_config)
 
 
-_OOD_FLAGS = ("in_data", "out_data", "seeds", "n_train", "local_steps", "full_steps",
+_OOD_FLAGS = ("in_data", "out_data", "seeds", "n_train", "hidden", "local_steps", "full_steps",
               "compress_steps", "mask_steps", "mask_lambda", "horizon")
 
 
@@ -227,6 +227,8 @@ def _add_ood_parser(sub) -> None:
     o.add_argument("--n-train", type=_positive_int, default=None, help="training images")
     o.add_argument("--horizon", type=_positive_int, default=None,
                    help="the local model's reach h (kernel 2h+1)")
+    o.add_argument("--hidden", type=_positive_int, default=None,
+                   help="channels of the local model (a multiple of the image's channels)")
     o.add_argument("--local-steps", type=_positive_int, default=None)
     o.add_argument("--full-steps", type=_positive_int, default=None)
     o.add_argument("--compress-steps", type=_positive_int, default=None)

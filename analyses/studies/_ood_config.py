@@ -10,6 +10,9 @@ from interp.errors import ConfigError, check_number, suggest
 from interp.models.pixel import HEADS, PixelConfig
 from interp.models.pixel_train import PixelTrainConfig
 
+#: Colour channels of the built-in image sets (the others are grayscale).
+SET_CHANNELS = {"patches_rgb": 3}
+
 #: Fields that do not change results: a rerun may differ in them.
 VOLATILE = frozenset({"out", "device"})
 
@@ -78,6 +81,16 @@ class OODStudyConfig:
             if value not in BUILTIN_IMAGES:
                 raise ConfigError(f"Unknown image set {value!r} for {name}; built-in sets are "
                                   f"{sorted(BUILTIN_IMAGES)}.{suggest(value, BUILTIN_IMAGES)}")
+        channels = {n: SET_CHANNELS.get(getattr(self, n), 1) for n in ("in_data", "out_data")}
+        if channels["in_data"] != channels["out_data"]:
+            raise ConfigError(
+                f"in_data {self.in_data!r} has {channels['in_data']} channel(s) but out_data "
+                f"{self.out_data!r} has {channels['out_data']}: pick sets with the same channels.")
+        if self.hidden % channels["in_data"]:
+            raise ConfigError(
+                f"{self.in_data!r} has {channels['in_data']} colour channels, so hidden "
+                f"({self.hidden}) must be a multiple of {channels['in_data']}; pass e.g. --hidden "
+                f"{self.hidden + channels['in_data'] - self.hidden % channels['in_data']}.")
         if self.in_data == self.out_data:
             raise ConfigError(f"in_data and out_data are both {self.in_data!r}: pick two "
                               "different image sets.")
@@ -106,7 +119,7 @@ class OODStudyConfig:
         return self
 
     def pixel_config(self, kind: str, head: str | None = None) -> PixelConfig:
-        return PixelConfig(kind=kind, channels=1 if self.in_data != "patches_rgb" else 3,
+        return PixelConfig(kind=kind, channels=SET_CHANNELS.get(self.in_data, 1),
                            horizon=self.horizon, hidden=self.hidden, blocks=self.blocks,
                            head=head or self.head, mixtures=self.mixtures,
                            stack_channels=self.stack_channels,

@@ -23,7 +23,6 @@ from analyses.studies._ood_config import OODStudyConfig
 from analyses.studies.common import ARTIFACT_FIX, read_artifact
 from interp.compress import QuantizedLocalModel, save_quantized
 from interp.data.images import ImageSet, builtin_images
-from interp.errors import ConfigError
 from interp.io import read_tensors, save_tensors, write_json
 from interp.masks import ContinuousSparsification, MaskSet, fit_masks
 from interp.masks.files import mask_path
@@ -77,10 +76,6 @@ def prepare_data(ctx: OODContext) -> None:
     ctx.in_test = builtin_images(cfg.in_data, "test", n=cfg.n_test, seed=0)
     n_out = min(cfg.n_test, len(builtin_images(cfg.out_data, "test")))
     ctx.out_test = builtin_images(cfg.out_data, "test", n=n_out, seed=0)
-    if ctx.in_train.shape[1] != ctx.out_test.shape[1]:
-        raise ConfigError(
-            f"in_data {cfg.in_data!r} has {ctx.in_train.shape[1]} channel(s) but out_data "
-            f"{cfg.out_data!r} has {ctx.out_test.shape[1]}: pick sets with the same channels.")
 
 
 # --------------------------------------------------------------------------- models

@@ -88,6 +88,8 @@ def test_a_run_directory_refuses_another_configuration(tmp_path):
     (dict(seeds=(0, 0)), "duplicates"),
     (dict(typicality_batch=1), "typicality_batch"),
     (dict(compress_head="gauss"), "compress_head"),
+    (dict(in_data="patches_rgb"), "same channels"),
+    (dict(in_data="patches_rgb", out_data="patches_rgb"), "--hidden 33"),
 ])
 def test_config_rejects_bad_values(over, match):
     with pytest.raises(ConfigError, match=match):
