@@ -2,6 +2,7 @@
 
     interp bigram   [--out DIR] [--quick] [--recipe mini|paper] ...   the bigram study end to end
     interp train-lm [--out DIR] [--preset NAME] ...                    train a preset LM
+    interp ood      [--out DIR] [--quick] [--in-data SET] ...          image likelihood: OOD, compression
     interp distill  [--out DIR] [--quick] [--pairs N] ...              distillation from checkpoints
 
 Exit codes: 0 done, 2 bad input or a failed check (the message says what to do; no
@@ -74,7 +75,18 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=_positive_int, default=None,
                    help="BPE vocabulary size to train (>= 258)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype of training (torch.autocast; weights, masks and optimizer "
+                        "state stay float32): bfloat16 on recent GPUs and CPUs, float16 on GPUs "
+                        "only (with loss scaling); analyses run in float32")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
+
+
+def _check_dtype(dtype: str, device: str) -> None:
+    """ConfigError for a ``--dtype`` the ``--device`` cannot run (float16 on a CPU, ...)."""
+    from interp.models.lm import resolve_dtype
+
+    resolve_dtype(dtype, device, option="--dtype")
 
 
 def _check_device(device: str) -> None:
@@ -116,8 +128,11 @@ def _cmd_train_lm(args) -> int:
     )
 
     _check_device(args.device)
+    _check_dtype(args.dtype, args.device)
     resolve_preset(args.preset)  # an unknown preset fails before any data work
-    cfg = TrainConfig(steps=args.steps, seed=args.seed).validate()
+    # sequences fill the preset's context (at most the default length)
+    seq_len = min(TrainConfig.seq_len, PRESETS[args.preset].n_ctx)
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, seq_len=seq_len).validate()
     if args.vocab_size is not None:
         check_number("--vocab-size", args.vocab_size, low=258, integer=True)
     out = _check_out(args.out)
@@ -125,9 +140,12 @@ def _cmd_train_lm(args) -> int:
     identity = {"preset": args.preset, "arch": PRESETS[args.preset].__dict__, "corpus": corpus.name,
                 "corpus_fingerprint": corpus.fingerprint, "vocab": len(tok),
                 "train": cfg.__dict__}
+    if args.dtype != "float32":  # float32 stores from before the option keep their identity
+        identity["dtype"] = args.dtype
     store = CheckpointStore(out / "checkpoints", identity)
     model = build_lm(args.preset, tok, seed=args.seed, device=args.device)
-    result = train_lm(model, tokens.train, tokens.validation, cfg, store=store, device=args.device)
+    result = train_lm(model, tokens.train, tokens.validation, cfg, store=store, device=args.device,
+                      dtype=args.dtype)
     h1 = unigram_entropy(tokens.validation, len(tok))
     print(json.dumps({"steps": result.steps, "val_loss": round(result.val_loss, 4),
                       "unigram_entropy": round(h1, 4), "epochs": round(result.epochs, 2),
@@ -151,8 +169,9 @@ def bigram_config(args):
     from analyses.studies._bigram_config import BigramStudyConfig, model_kind
 
     model_kind(args.model)  # a typo of a preset fails here instead of trying the hub
+    _check_dtype(args.dtype, args.device)
     over = {"out": args.out, "corpus": args.corpus, "model": args.model, "seed": args.seed,
-            "device": args.device}
+            "device": args.device, "dtype": args.dtype}
     over.update({field: getattr(args, flag) for flag, field in _BIGRAM_FLAGS.items()
                  if getattr(args, flag) is not None})
     build = BigramStudyConfig.quick_defaults if args.quick else BigramStudyConfig.from_recipe
@@ -176,7 +195,7 @@ def _cmd_bigram(args) -> int:
 
 
 _OOD_FLAGS = ("in_data", "out_data", "seeds", "n_train", "hidden", "local_steps", "full_steps",
-              "compress_steps", "mask_steps", "mask_lambda", "horizon")
+              "compress_steps", "mask_steps", "mask_lambda", "horizon", "workers")
 
 
 def ood_config(args):
@@ -235,6 +254,9 @@ def _add_ood_parser(sub) -> None:
     o.add_argument("--mask-steps", type=_positive_int, default=None)
     o.add_argument("--mask-lambda", type=_nonnegative_float, default=None,
                    help="sparsity weight of the local subnetwork")
+    o.add_argument("--workers", type=_nonnegative_int, default=None,
+                   help="processes training models side by side (default 0: one per CPU "
+                        "core; 1 on cuda)")
     o.set_defaults(func=_cmd_ood)
 
 

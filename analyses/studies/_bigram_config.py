@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from interp.errors import ConfigError, ModelLoadError, check_number, suggest
-from interp.models.lm import PRESETS
+from interp.models.lm import PRESETS, dtype_name, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class BigramStudyConfig:
     vocab_size: int = 1024
     seed: int = 0
     device: str = "cpu"
+    # compute dtype of LM and mask training (torch.autocast; masks and optimizer state stay
+    # float32); the analyses run in float32
+    dtype: str = "float32"
     # LM training (presets only)
     lm_steps: int = 1250
     lm_batch: int = 16
@@ -130,6 +133,7 @@ class BigramStudyConfig:
         check_number("mask_lr", self.mask_lr, low=0, low_open=True)
         check_number("temperature_factor", self.temperature_factor, low=1)
         check_number("tolerance", self.tolerance, low=0, high=1)
+        self.dtype = dtype_name(resolve_dtype(self.dtype, self.device, option="dtype"))
         if not self.lambdas:
             raise ConfigError("lambdas is empty: give at least one sparsity weight, e.g. 0,1,5.")
         for lam in self.lambdas:
@@ -149,6 +153,7 @@ class BigramStudyConfig:
     def diff(self, stored: dict) -> list[str]:
         """Fields (besides volatile ones) in which ``stored`` (a config.json) differs."""
         new = self.to_dict()
+        stored = {"dtype": "float32", **stored}  # runs from before the option were float32
         return sorted(k for k in set(stored) | set(new)
                       if k not in VOLATILE and stored.get(k) != new.get(k))
 

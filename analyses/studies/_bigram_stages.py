@@ -89,9 +89,12 @@ def prepare_data(ctx: StudyContext) -> None:
 
 def _lm_identity(ctx: StudyContext) -> dict:
     cfg = ctx.cfg
-    return {"preset": cfg.model, "arch": PRESETS[cfg.model].__dict__, "corpus": ctx.corpus.name,
-            "corpus_fingerprint": ctx.corpus.fingerprint, "vocab": len(ctx.tokenizer),
-            "train": _train_config(cfg).__dict__}
+    ident = {"preset": cfg.model, "arch": PRESETS[cfg.model].__dict__, "corpus": ctx.corpus.name,
+             "corpus_fingerprint": ctx.corpus.fingerprint, "vocab": len(ctx.tokenizer),
+             "train": _train_config(cfg).__dict__}
+    if cfg.dtype != "float32":  # float32 stores from before the option keep their identity
+        ident["dtype"] = cfg.dtype
+    return ident
 
 
 def _train_config(cfg: BigramStudyConfig) -> TrainConfig:
@@ -118,7 +121,7 @@ def prepare_model(ctx: StudyContext) -> None:
     ctx.store = CheckpointStore(ctx.out / "lm", _lm_identity(ctx))
     ctx.model = build_lm(cfg.model, ctx.tokenizer, seed=cfg.seed, device=cfg.device)
     result = train_lm(ctx.model, ctx.tokens.train, ctx.tokens.validation, _train_config(cfg),
-                      store=ctx.store, device=cfg.device)
+                      store=ctx.store, device=cfg.device, dtype=cfg.dtype)
     _frozen(ctx.model)
     ctx.lm_info = {"source": f"preset {cfg.model}", "steps": result.steps,
                    "val_loss": result.val_loss, "resumed_from": result.resumed_from,
@@ -152,9 +155,10 @@ def fit_subnetwork(
     result: FitResult = fit_masks(
         model, ms, objective_factory(ms), ctx.train_batches, lam=lam, lr=cfg.mask_lr,
         max_steps=cfg.mask_steps, device=cfg.device, seed=cfg.seed,
-        spike_retries=cfg.spike_retries)
+        spike_retries=cfg.spike_retries, dtype=cfg.dtype)
     ms.metadata.update({"objective": name, "lambda": lam, "steps": result.steps,
-                        "stopped_reason": result.stopped_reason, "recipe": cfg.recipe})
+                        "stopped_reason": result.stopped_reason, "recipe": cfg.recipe,
+                        "dtype": result.dtype})
     info = {"steps": result.steps, "stopped_reason": result.stopped_reason,
             "spike": result.spike, "attempts": result.attempts,
             "seconds": round(result.seconds, 1),

@@ -1,5 +1,6 @@
 """Differentiable weight masks: kinds, targets, mask sets and their training."""
 
+from interp.masks.fast import UnwrappedLM, unwrap
 from interp.masks.kinds import ContinuousSparsification, HardConcrete, MaskKind, kind_from_config
 from interp.masks.maskset import HARD_LOGIT, MODES, MaskSet
 from interp.masks.paper import load_paper_masks

@@ -83,8 +83,10 @@ class MaskKind:
 
         The forward pass and the penalty then share one mask tensor where ``expected`` is the
         soft mask (continuous sparsification): ``fit_masks``' hot path. Entries are keyed by
-        the tensor, its version counter, grad mode and temperature, so in-place updates and
-        schedule steps are never served stale.
+        the tensor, its version counter, grad mode, temperature and a caller's tag, so
+        in-place updates and schedule steps are never served stale. Structured mask sets
+        route a group's soft mask through it (tag per sampling mode), so the targets sharing
+        a head's logits also share a hard-concrete sample within the block.
         """
         outer = self.__dict__.get("_memo")
         self._memo: dict | None = {} if outer is None else outer
@@ -94,11 +96,11 @@ class MaskKind:
             if outer is None:
                 self.__dict__.pop("_memo", None)
 
-    def _reused(self, logits: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    def _reused(self, logits: Tensor, fn: Callable[[Tensor], Tensor], tag: str = "") -> Tensor:
         memo = self.__dict__.get("_memo")
         if memo is None:
             return fn(logits)
-        key = (id(logits), logits._version, torch.is_grad_enabled(), self.temperature)
+        key = (id(logits), logits._version, torch.is_grad_enabled(), self.temperature, tag)
         hit = memo.get(key)
         if hit is not None and hit[0] is logits:
             return hit[1]

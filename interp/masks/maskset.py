@@ -15,6 +15,14 @@ Exactly-zero weights are never part of a subnetwork (the ``allowed`` buffers). R
 algebra, edits and imports hold "hard" logits (+-``HARD_LOGIT``), which every kind maps to
 the intended binary mask.
 
+Granularity: by default every weight has its own logit (``"element"``), so the logits, their
+gradients and AdamW's two moments cost four float32 tensors the size of the masked weights.
+``granularity="head" | "neuron" | "structured"`` ties each attention head's q/k/v rows and o
+columns to one logit (``blocks.{l}.attn.heads``) and each MLP neuron's in row and out column
+to one logit (``blocks.{l}.mlp.neurons``): a few thousand logits instead of millions. Such a
+set acts exactly as the elementwise set holding the expanded logits; ``logits`` and
+``hard_masks()`` are elementwise, so counts, layout, overlap and algebra work unchanged.
+
 Files live in :mod:`interp.masks.files` (save/load) and :mod:`interp.masks.paper` (the bigram
 paper's pickle format); this module keeps the thin methods that call them.
 """
@@ -38,9 +46,18 @@ from interp.masks import files, paper
 from interp.masks.kinds import ContinuousSparsification, MaskKind, kind_from_config
 from interp.masks.paper import load_paper_masks
 from interp.masks.sampling import random_masks
-from interp.masks.targets import Selection, Target, _check_shape, find_targets, head_dims
+from interp.masks.targets import (
+    GRANULARITIES,
+    Group,
+    Selection,
+    Target,
+    _check_shape,
+    find_targets,
+    group_targets,
+    head_dims,
+)
 
-__all__ = ["HARD_LOGIT", "MODES", "MaskSet", "load_paper_masks"]
+__all__ = ["GRANULARITIES", "HARD_LOGIT", "MODES", "MaskSet", "load_paper_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +113,8 @@ class MaskSet(nn.Module):
     Attributes:
         targets: the masked weights, in model order.
         kind: the :class:`~interp.masks.kinds.MaskKind` shared by all targets.
+        granularity: ``"element"``, ``"head"``, ``"neuron"`` or ``"structured"`` (see module
+            docs); ``groups`` maps each structured target to its shared logits.
         mode: how an attached set acts (see module docs).
         identity: :func:`interp.models.lm.model_identity` of the model (empty if unknown).
         metadata: free-form provenance saved with the mask set; ``objective`` and ``lam``
@@ -112,21 +131,37 @@ class MaskSet(nn.Module):
         heads: tuple[int, int, int] | None = None,
         identity: dict | None = None,
         metadata: dict | None = None,
+        granularity: str = "element",
     ) -> None:
+        """``logits``: element logits by target name, and for a structured set either those
+        (constant within each head / neuron) or the shared vectors by group name."""
         super().__init__()
         self.targets = list(targets)
         self.kind = kind if kind is not None else ContinuousSparsification()
+        self.granularity = granularity
+        self.groups: dict[str, Group] = group_targets(self.targets, granularity, heads)
         keys = [_key(t.name) for t in self.targets]
-        if len(set(keys)) != len(keys):
+        group_keys = {_key(g.name) for g in self.groups.values()}
+        if len(set(keys)) != len(keys) or group_keys & set(keys):
             raise MaskError("Target names collide once dots become '__'; rename the targets.")
         self._logits = nn.ParameterDict()
         self._allowed = _Buffers()
         for t, k in zip(self.targets, keys):
-            lg = logits[t.name] if logits is not None else self.kind.init_logits(t.shape)
             al = allowed[t.name] if allowed is not None else t.nonzero()
-            _check_shape(t.name, tuple(lg.shape), t.shape)
-            self._logits[k] = nn.Parameter(lg.detach().to(torch.float32).clone())
+            _check_shape(t.name, tuple(al.shape), t.shape)
             self._allowed.register_buffer(k, al.detach().to(torch.bool).clone())
+            g = self.groups.get(t.name)
+            if g is None:
+                lg = logits[t.name] if logits is not None else self.kind.init_logits(t.shape)
+                _check_shape(t.name, tuple(lg.shape), t.shape)
+            elif _key(g.name) in self._logits:
+                continue
+            elif logits is not None:
+                lg = self._group_init(g, logits)
+            else:
+                lg = self.kind.init_logits((g.n,))
+            self._logits[_key(g.name if g else t.name)] = nn.Parameter(
+                lg.detach().to(torch.float32).clone())
         self._by_name = {t.name: t for t in self.targets}
         self.heads = heads
         self.identity = dict(identity or {})
@@ -144,42 +179,112 @@ class MaskSet(nn.Module):
         kind: MaskKind | None = None,
         targets: Selection | None = None,
         seed: int = 0,
+        granularity: str = "element",
     ) -> MaskSet:
         """A fresh mask set over ``model``'s targets (default: all attention and MLP weights).
 
-        ``seed`` seeds the kind's initial logits (hard concrete adds noise).
+        ``seed`` seeds the kind's initial logits (hard concrete adds noise). ``granularity``:
+        ``"element"`` (one logit per weight), ``"head"`` (one per attention head, shared by
+        its q/k/v rows and o columns), ``"neuron"`` (one per MLP neuron, shared by its in /
+        gate row and out column) or ``"structured"`` (heads and neurons); targets the
+        granularity does not cover keep one logit per weight.
         """
         kind = kind if kind is not None else ContinuousSparsification()
         ts = find_targets(model, targets)
+        heads = head_dims(model)
+        groups = group_targets(ts, granularity, heads)
         gen = torch.Generator().manual_seed(seed)
-        logits = {t.name: kind.init_logits(t.shape, generator=gen).to(t.original.device)
-                  for t in ts}
-        return cls(ts, kind, logits, heads=head_dims(model), identity=_identity(model))
+        logits: dict[str, Tensor] = {}
+        for t in ts:
+            g = groups.get(t.name)
+            name, shape = (t.name, t.shape) if g is None else (g.name, (g.n,))
+            if name not in logits:
+                logits[name] = kind.init_logits(shape, generator=gen).to(t.original.device)
+        return cls(ts, kind, logits, heads=heads, identity=_identity(model),
+                   granularity=granularity)
 
     @classmethod
     def full(cls, model: nn.Module, kind: MaskKind | None = None,
-             targets: Selection | None = None) -> MaskSet:
+             targets: Selection | None = None, granularity: str = "element") -> MaskSet:
         """Every (nonzero) weight kept."""
-        return cls.for_model(model, kind, targets)._filled(True)
+        return cls.for_model(model, kind, targets, granularity=granularity)._filled(True)
 
     @classmethod
     def empty(cls, model: nn.Module, kind: MaskKind | None = None,
-              targets: Selection | None = None) -> MaskSet:
+              targets: Selection | None = None, granularity: str = "element") -> MaskSet:
         """No weight kept (embeddings, biases and norms are never masked, so they remain)."""
-        return cls.for_model(model, kind, targets)._filled(False)
+        return cls.for_model(model, kind, targets, granularity=granularity)._filled(False)
 
+    @torch.no_grad()
     def _filled(self, keep: bool) -> MaskSet:
-        for name in self.names:
-            self.set_target(name, keep)
+        for lg in self._logits.values():
+            lg.fill_(HARD_LOGIT if keep else -HARD_LOGIT)
         return self
 
+    def _group_init(self, g: Group, logits: Mapping[str, Tensor]) -> Tensor:
+        """Group ``g``'s vector from ``logits``: given by group name, or read off the element
+        logits of its targets, which must then be constant within each head / neuron."""
+        if g.name in logits:
+            lg = logits[g.name]
+            if tuple(lg.shape) != (g.n,):
+                raise MaskError(f"Logits of {g.name!r} have shape {tuple(lg.shape)}, not "
+                                f"({g.n},).")
+            return lg
+        members = [t for t in self.targets if self.groups.get(t.name) == g]
+        missing = [t.name for t in members if t.name not in logits]
+        if missing:
+            raise MaskError(f"No logits for {g.name!r} nor for its target {missing[0]!r}.")
+        for t in members:
+            _check_shape(t.name, tuple(logits[t.name].shape), t.shape)
+        vec = g.first(logits[members[0].name])
+        for t in members:
+            lg = logits[t.name]
+            if not torch.equal(g.expand(vec.to(lg.device), t.shape), lg):
+                raise MaskError(
+                    f"Logits of {t.name!r} differ within one {g.name.rsplit('.', 1)[1][:-1]}, "
+                    f"so they cannot be stored as granularity {self.granularity!r}. Use "
+                    "granularity='element' for them."
+                )
+        return vec
+
     def _from_hard(self, masks: Mapping[str, Tensor]) -> MaskSet:
-        """A new mask set over the same targets whose logits encode ``masks``."""
+        """A new mask set over the same targets whose logits encode ``masks``.
+
+        A structured set keeps its granularity when every head / neuron is kept or dropped
+        whole (its maskable weights all True or all False), else the result is elementwise.
+        """
+        logits = {n: _hard_logits(m) for n, m in masks.items()}
+        granularity = self.granularity
+        if self.groups:
+            groups = self._hard_groups(masks)
+            if groups is None:
+                log.info("masks are not constant per head / neuron: the result of a %r mask "
+                         "set is elementwise", self.granularity)
+                granularity = "element"
+            else:
+                logits.update({n: _hard_logits(k) for n, k in groups.items()})
+                logits = {n: lg for n, lg in logits.items() if n not in self.groups}
         return MaskSet(
-            self.targets, kind_from_config(self.kind.config()),
-            {n: _hard_logits(m) for n, m in masks.items()}, self.allowed, heads=self.heads,
-            identity=self.identity, metadata=self.metadata,
+            self.targets, kind_from_config(self.kind.config()), logits, self.allowed,
+            heads=self.heads, identity=self.identity, metadata=self.metadata,
+            granularity=granularity,
         )
+
+    @torch.no_grad()
+    def _hard_groups(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """Per group, True where all its maskable weights are kept, False where none is;
+        None if some head / neuron is partly kept."""
+        kept: dict[str, Tensor] = {}
+        total: dict[str, Tensor] = {}
+        al = self.allowed
+        for name, g in self.groups.items():
+            ok = al[name]
+            m = masks[name].to(ok.device) & ok
+            kept[g.name] = kept.get(g.name, 0) + g.per_group(m.to(torch.int64))
+            total[g.name] = total.get(g.name, 0) + g.per_group(ok.to(torch.int64))
+        if any(bool(((k != 0) & (k != total[n])).any()) for n, k in kept.items()):
+            return None
+        return {n: k > 0 for n, k in kept.items()}
 
     # ------------------------------------------------------------------ views
 
@@ -207,9 +312,28 @@ class MaskSet(nn.Module):
         return [t.name for t in self.targets]
 
     @property
-    def logits(self) -> dict[str, nn.Parameter]:
-        """Target name -> mask logits (the trainable tensors)."""
-        return {t.name: self._logits[_key(t.name)] for t in self.targets}
+    def logits(self) -> dict[str, Tensor]:
+        """Target name -> element mask logits: the trainable tensors of an elementwise set;
+        for structured targets an expanded (read-only) view of their group's logits."""
+        out: dict[str, Tensor] = {}
+        for t in self.targets:
+            g = self.groups.get(t.name)
+            out[t.name] = (self._logits[_key(t.name)] if g is None
+                           else g.expand(self._logits[_key(g.name)], t.shape))
+        return out
+
+    @property
+    def group_logits(self) -> dict[str, nn.Parameter]:
+        """Group name (``blocks.{l}.attn.heads``, ``blocks.{l}.mlp.neurons``, ...) -> its
+        trainable logits [n_heads] / [d_mlp]; empty for an elementwise set."""
+        return {g.name: self._logits[_key(g.name)] for g in self.groups.values()}
+
+    def group_members(self, group: str) -> list[str]:
+        """Names of the targets reading group ``group``'s logits, in model order."""
+        out = [n for n, g in self.groups.items() if g.name == group]
+        if not out:
+            raise MaskError(f"No mask group {group!r}.{suggest(group, self.group_logits)}")
+        return out
 
     @property
     def allowed(self) -> dict[str, Bool[Tensor, "*shape"]]:
@@ -246,14 +370,33 @@ class MaskSet(nn.Module):
         cost about 15% of a Pythia-160M-sized step.
         """
         terms = []
-        for n, lg in self.logits.items():
-            e = self.kind.expected(lg)
-            t = e.sum()
+        for t in self.targets:
+            n = t.name
+            if n in self.groups:
+                continue
+            e = self.kind.expected(self._logits[_key(n)])
+            s = e.sum()
             bad = self._forbidden(n)
             if bad.numel():
-                t = t - e.detach().flatten().index_select(0, bad).sum()
-            terms.append(t)
+                s = s - e.detach().flatten().index_select(0, bad).sum()
+            terms.append(s)
+        for name, lg in self.group_logits.items():
+            # a head / neuron's expected mask counts once per maskable weight it governs
+            terms.append((self.kind.expected(lg) * self._group_sizes(name)).sum())
         return torch.stack(terms).sum()
+
+    def _group_sizes(self, group: str) -> Tensor:
+        """Maskable weights per unit of ``group`` (float32 [n]), cached per allowed state."""
+        al = self.allowed
+        members = self.group_members(group)
+        state = tuple((al[n].device, al[n].data_ptr(), al[n]._version) for n in members)
+        cache = self.__dict__.setdefault("_sizes_cache", {})
+        hit = cache.get(group)
+        if hit is None or hit[0] != state:
+            sizes = sum(self.groups[n].per_group(al[n].to(torch.int64)) for n in members)
+            hit = (state, sizes.to(torch.float32))
+            cache[group] = hit
+        return hit[1]
 
     def _forbidden(self, name: str) -> Tensor:
         """Flat indices of ``name``'s exact-zero weights, cached per allowed-buffer state."""
@@ -265,6 +408,11 @@ class MaskSet(nn.Module):
             hit = (state, (~al).flatten().nonzero().squeeze(1))
             cache[name] = hit
         return hit[1]
+
+    @property
+    def n_logits(self) -> int:
+        """Number of trainable mask logits (= ``n_weights``-sized for an elementwise set)."""
+        return sum(p.numel() for p in self._logits.values())
 
     def n_active(self) -> int:
         """Weights kept by the hard mask (the subnetwork's size)."""
@@ -374,6 +522,20 @@ class MaskSet(nn.Module):
         if mode == "off":
             return weight
         key = _key(name)
+        g = self.groups.get(name)
+        if g is not None:
+            # one value per head / neuron, broadcast over the weight: no full-size mask in
+            # soft mode (training), so no full-size logits, gradients or optimizer state
+            logits = self._logits[_key(g.name)]
+            if mode == "soft":
+                # within kind.reuse() (fit_masks) every target of a head shares one sample
+                soft = self.kind._reused(logits, self.kind.soft, tag=f"soft:{self.kind.training}")
+                mask = g.broadcast(soft, weight.ndim)
+            else:
+                keep = g.broadcast(self.kind.hard(logits), weight.ndim) & getattr(
+                    self._allowed, key)
+                mask = ~keep if mode == "ablate" else keep
+            return weight * mask.to(device=weight.device, dtype=weight.dtype)
         logits = self._logits[key]
         if mode == "soft":
             mask = self.kind.soft(logits)
@@ -406,7 +568,9 @@ class MaskSet(nn.Module):
         """A text table of kept weights per layer and block."""
         rows = self.table()
         kept = sum(r["kept"] for r in rows)
-        title = (f"MaskSet({len(rows)} targets, kind={self.kind.name}, mode={self.mode}, "
+        gran = ("" if self.granularity == "element" else
+                f"granularity={self.granularity} ({self.n_logits:,} logits), ")
+        title = (f"MaskSet({len(rows)} targets, kind={self.kind.name}, {gran}mode={self.mode}, "
                  f"kept {kept:,} / {self.n_weights:,} = {kept / max(1, self.n_weights):.2%})")
         lines = [
             title,
@@ -481,7 +645,8 @@ class MaskSet(nn.Module):
         """A random mask set with the same number kept in every target (element level).
 
         Kept positions are drawn uniformly among maskable weights; same seed, same result.
-        The plain-dict form is :func:`~interp.masks.sampling.random_masks`.
+        The plain-dict form is :func:`~interp.masks.sampling.random_masks`. The result is
+        elementwise also for a structured set (random weights, not random heads).
         """
         return self._from_hard(random_masks(self.hard_masks(), eligible=self.allowed, seed=seed))
 
@@ -489,7 +654,11 @@ class MaskSet(nn.Module):
 
     @torch.no_grad()
     def _set(self, name: str, keep: bool, axis: int | None = None, index=None) -> None:
-        lg = self._logits[_key(self.target(name).name)]
+        """Fill logits of an element target (``name``) or of a group (its group name)."""
+        if _key(name) not in self._logits:
+            self.target(name)  # unknown: raises with suggestions
+            raise MaskError(f"{name!r} is structured: edit its group {self.groups[name].name!r}.")
+        lg = self._logits[_key(name)]
         value = HARD_LOGIT if keep else -HARD_LOGIT
         if axis is None:
             lg.fill_(value)
@@ -497,9 +666,26 @@ class MaskSet(nn.Module):
             idx = torch.as_tensor(index, dtype=torch.long, device=lg.device).reshape(-1)
             lg.index_fill_(axis, idx, value)
 
+    def _shared(self, name: str, editing: set[str]) -> Group | None:
+        """``name``'s group (None if elementwise); MaskError if the edit would also change
+        targets outside ``editing`` that share it."""
+        g = self.groups.get(name)
+        if g is None:
+            return None
+        others = [n for n in self.group_members(g.name) if n not in editing]
+        if others:
+            raise MaskError(
+                f"{name!r} shares its {g.name!r} logits with {others} (granularity "
+                f"{self.granularity!r}), so it cannot be edited alone. Edit them together "
+                "(set_head with which covering all of them, set_neuron, set_layer), or use "
+                "a mask set with granularity='element'."
+            )
+        return g
+
     def set_target(self, name: str, keep: bool) -> MaskSet:
         """Keep (True) or drop (False) a whole target; returns self."""
-        self._set(name, keep)
+        g = self._shared(self.target(name).name, {name})
+        self._set(g.name if g else name, keep)
         return self
 
     def set_layer(self, layer: int, keep: bool) -> MaskSet:
@@ -509,7 +695,8 @@ class MaskSet(nn.Module):
             layers = sorted({t.layer for t in self.targets if t.layer is not None})
             raise MaskError(f"No mask targets in layer {layer}; layers are {layers}.")
         for n in names:
-            self._set(n, keep)
+            g = self._shared(n, set(names))
+            self._set(g.name if g else n, keep)
         return self
 
     def set_head(self, layer: int, head: int, keep: bool, which: str = "qkvo") -> MaskSet:
@@ -526,9 +713,14 @@ class MaskSet(nn.Module):
         bad = set(which) - set("qkvo")
         if bad or not which:
             raise MaskError(f"which={which!r} must be letters from 'qkvo'.")
+        names = {f"blocks.{layer}.attn.{letter}" for letter in which}
         for letter in which:
             t = self.target(f"blocks.{layer}.attn.{letter}")
             h = head // (n_heads // n_kv) if letter in "kv" else head
+            g = self._shared(t.name, names)
+            if g is not None:
+                self._set(g.name, keep, 0, [h])
+                continue
             axis = t.in_axis if letter == "o" else t.out_axis
             self._set(t.name, keep, axis, range(h * d_head, (h + 1) * d_head))
         return self
@@ -536,13 +728,16 @@ class MaskSet(nn.Module):
     def set_neuron(self, layer: int, index: int | Sequence[int], keep: bool) -> MaskSet:
         """Keep or drop MLP neuron(s): row(s) of mlp_in (and gate), column(s) of mlp_out."""
         found = False
+        names = {t.name for t in self.targets
+                 if t.layer == layer and t.block in ("mlp_in", "mlp_gate", "mlp_out")}
         for t in self.targets:
-            if t.layer == layer and t.block in ("mlp_in", "mlp_gate", "mlp_out"):
+            if t.name in names:
                 axis = t.in_axis if t.block == "mlp_out" else t.out_axis
                 idx = torch.as_tensor(index).reshape(-1)
                 if idx.numel() and (idx.min() < 0 or idx.max() >= t.shape[axis]):
                     raise MaskError(f"Neuron index out of range for {t.name} ({t.shape[axis]}).")
-                self._set(t.name, keep, axis, idx)
+                g = self._shared(t.name, names)
+                self._set(g.name if g else t.name, keep, 0 if g else axis, idx)
                 found = True
         if not found:
             raise MaskError(f"No MLP mask targets in layer {layer}.")
@@ -558,7 +753,11 @@ class MaskSet(nn.Module):
         side = files.build_sidecar(identity=self.identity, heads=self.heads,
                                    targets=self.targets, kind=self.kind, mode=self.mode,
                                    metadata=self.metadata)
-        return files.write_mask_files(path, self.logits, self.allowed, side)
+        # structured sets store their expanded element logits: any reader gets an
+        # equivalent elementwise set; MaskSet.load regroups them by the sidecar's granularity
+        side["granularity"] = self.granularity
+        logits = {n: lg.detach().contiguous() for n, lg in self.logits.items()}
+        return files.write_mask_files(path, logits, self.allowed, side)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None,
@@ -574,8 +773,15 @@ class MaskSet(nn.Module):
         """
         saved = files.read_mask_files(
             path, model, targets, model_identity=_identity(model) if model is not None else None)
-        ms = cls(saved.targets, saved.kind, saved.logits, saved.allowed, heads=saved.heads,
-                 identity=saved.identity, metadata=saved.metadata)
+        granularity = _saved_granularity(path)
+        try:
+            ms = cls(saved.targets, saved.kind, saved.logits, saved.allowed, heads=saved.heads,
+                     identity=saved.identity, metadata=saved.metadata, granularity=granularity)
+        except MaskError as e:
+            if granularity == "element":
+                raise
+            raise MaskError(f"Mask file {str(files.mask_path(path))!r} (granularity "
+                            f"{granularity!r}): {e} {files._FIX}") from e
         if saved.mode not in MODES:
             raise MaskError(f"Mask-set sidecar {str(files.sidecar_path(path))!r} has mode "
                             f"{saved.mode!r}; modes are {MODES}. Fix or re-save the file.")
@@ -613,6 +819,19 @@ class MaskSet(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _saved_granularity(path: str | Path) -> str:
+    """The granularity recorded in a mask set's sidecar ("element" for older files)."""
+    from interp.io import read_json
+
+    side_path = files.sidecar_path(path)
+    side = read_json(side_path, error=MaskError, what="Mask-set sidecar", fix=files._FIX)
+    value = side.get("granularity") or "element"
+    if value not in GRANULARITIES:
+        raise MaskError(f"Mask-set sidecar {str(side_path)!r} has granularity {value!r}; "
+                        f"granularities are {GRANULARITIES}. {files._FIX}")
+    return value
 
 
 def _hard_logits(mask: Tensor) -> Float[Tensor, "*shape"]:

@@ -19,6 +19,11 @@ What the TransformerBridge (TransformerLens 4.3) really reads, checked against H
 
 Any other ``nn.Module`` (image models, conv kernels) gets targets from an explicit selection:
 a dict ``name -> (module, param_name)`` or a predicate over ``named_parameters()``.
+
+Structured masks (:func:`group_targets`) tie a target's mask to one logit per attention head
+or MLP neuron: the head's ``d_head`` output rows of q/k/v (in these split layouts, whatever
+the HF checkpoint's fused order) and its ``d_head`` input features of o; the neuron's output
+feature of mlp in/gate and its input feature of mlp out.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from torch.nn.utils import parametrize
 
 from interp.errors import MaskError, suggest
 
-__all__ = ["BLOCK_KINDS", "HFSlice", "Selection", "Target", "find_targets", "head_dims"]
+__all__ = ["BLOCK_KINDS", "GRANULARITIES", "Group", "HFSlice", "Selection", "Target",
+           "find_targets", "group_targets", "head_dims"]
 
 log = logging.getLogger(__name__)
 
@@ -465,3 +471,140 @@ def _slices(fn, W, n, dh, hf_name) -> dict[str, HFSlice] | None:
         axis, index, transposed = spec
         out[c] = HFSlice(hf_name, tuple(W.shape), axis, index, transposed)
     return out
+
+
+# --------------------------------------------------------------------------- structure
+
+#: Mask granularities: one logit per weight, per attention head (attention targets), per MLP
+#: neuron (MLP targets), or both (``structured``). Targets a granularity does not cover stay
+#: elementwise.
+GRANULARITIES = ("element", "head", "neuron", "structured")
+
+
+@dataclass(frozen=True)
+class Group:
+    """How a structured target's mask comes from a shared vector of ``n`` logits.
+
+    Along ``axis`` the target's element logits are ``logits.repeat_interleave(size)``
+    (``n * size == shape[axis]``), the same for every entry along the other axis; every
+    target of one group (e.g. q, k, v, o of a layer) reads the same vector ``name``.
+    """
+
+    name: str
+    axis: int
+    size: int
+    n: int
+
+    def broadcast(self, vec: Tensor, ndim: int = 2) -> Tensor:
+        """``vec`` [n] as a per-feature tensor that broadcasts against the target's weight."""
+        v = vec.repeat_interleave(self.size) if self.size > 1 else vec
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return v.view(shape)
+
+    def expand(self, vec: Tensor, shape: Sequence[int]) -> Tensor:
+        """``vec`` [n] as element logits of a target of ``shape`` (an expanded view, no copy)."""
+        return self.broadcast(vec, len(shape)).expand(*shape)
+
+    def first(self, element: Tensor) -> Tensor:
+        """The group vector [n] read off an element tensor built by :meth:`expand`."""
+        line = element.select(1 - self.axis, 0) if element.ndim == 2 else element
+        return line.reshape(self.n, self.size)[:, 0]
+
+    def per_group(self, element: Tensor) -> Tensor:
+        """Sum of an element tensor within each group: [n] (e.g. allowed weights per head)."""
+        other = tuple(d for d in range(element.ndim) if d != self.axis)
+        return element.sum(other).reshape(self.n, self.size).sum(1)
+
+
+def group_targets(targets: Sequence[Target], granularity: str,
+                  heads: tuple[int, int, int] | None) -> dict[str, Group]:
+    """Target name -> its :class:`Group` under ``granularity`` (elementwise targets absent).
+
+    ``head``: q/k/v/o of layer ``l`` share ``blocks.{l}.attn.heads`` (one logit per head);
+    with grouped key/value heads, k and v share ``blocks.{l}.attn.kv_heads`` instead (one per
+    key/value head, as the weights are). ``neuron``: mlp in/gate/out of layer ``l`` share
+    ``blocks.{l}.mlp.neurons``. ``structured``: both.
+    """
+    if granularity not in GRANULARITIES:
+        raise MaskError(f"Unknown mask granularity {granularity!r}; granularities are "
+                        f"{GRANULARITIES}.{suggest(str(granularity), GRANULARITIES)}")
+    if granularity == "element":
+        return {}
+    out: dict[str, Group] = {}
+    if granularity in ("head", "structured"):
+        out.update(_head_groups(targets, heads))
+    if granularity in ("neuron", "structured"):
+        out.update(_neuron_groups(targets))
+    if not out:
+        what = {"head": "attention (q, k, v, o)", "neuron": "MLP",
+                "structured": "attention or MLP"}[granularity]
+        raise MaskError(
+            f"granularity={granularity!r} needs {what} targets, and the selection has none "
+            f"({', '.join(t.name for t in targets[:3])}{', ...' if len(targets) > 3 else ''}). "
+            "Use granularity='element' or select such targets."
+        )
+    _check_groups(targets, out)
+    return out
+
+
+def _head_groups(targets: Sequence[Target], heads) -> dict[str, Group]:
+    attn = [t for t in targets if t.block in _ATTN]
+    if not attn:
+        return {}
+    if heads is None:
+        raise MaskError(
+            f"Per-head masks need the head layout (n_heads, d_head), and none is known for "
+            f"{attn[0].name!r}. Build the mask set from a model with a TransformerLens config "
+            "(model.cfg.n_heads), or use granularity='element'."
+        )
+    n_heads, d_head, n_kv = heads
+    out = {}
+    for t in attn:
+        _need_layer(t)
+        kv = t.block in ("k", "v") and n_kv != n_heads
+        count = n_kv if kv else n_heads
+        axis = t.in_axis if t.block == "o" else t.out_axis
+        if len(t.shape) != 2 or t.shape[axis] != count * d_head:
+            raise MaskError(
+                f"Cannot mask {t.name!r} per head: its shape {t.shape} has no axis of "
+                f"{count} heads x {d_head} (axis {axis}). Use granularity='element'."
+            )
+        name = f"blocks.{t.layer}.attn.{'kv_heads' if kv else 'heads'}"
+        out[t.name] = Group(name, axis, d_head, count)
+    return out
+
+
+def _neuron_groups(targets: Sequence[Target]) -> dict[str, Group]:
+    out = {}
+    for t in targets:
+        if t.block not in ("mlp_in", "mlp_gate", "mlp_out"):
+            continue
+        _need_layer(t)
+        if len(t.shape) != 2:
+            raise MaskError(f"Cannot mask {t.name!r} per neuron: it is not a matrix "
+                            f"(shape {t.shape}). Use granularity='element'.")
+        axis = t.in_axis if t.block == "mlp_out" else t.out_axis
+        out[t.name] = Group(f"blocks.{t.layer}.mlp.neurons", axis, 1, t.shape[axis])
+    return out
+
+
+def _need_layer(t: Target) -> None:
+    if t.layer is None:
+        raise MaskError(f"Cannot group {t.name!r} per head or neuron: its layer is unknown. "
+                        "Use granularity='element'.")
+
+
+def _check_groups(targets: Sequence[Target], groups: Mapping[str, Group]) -> None:
+    """Targets sharing a group must agree on its size (e.g. d_mlp across in and out)."""
+    seen: dict[str, tuple[str, Group]] = {}
+    names = {t.name for t in targets}
+    for name, g in groups.items():
+        if g.name in names:
+            raise MaskError(f"Group {g.name!r} has the name of a target; rename the target.")
+        first = seen.setdefault(g.name, (name, g))
+        if (first[1].n, first[1].size) != (g.n, g.size):
+            raise MaskError(
+                f"{first[0]!r} and {name!r} would share {g.name!r} but have {first[1].n} and "
+                f"{g.n} units. Use granularity='element'."
+            )

@@ -12,6 +12,10 @@ the mask kind's schedule advanced after every optimizer step, and two safeguards
 - spike rule: a task loss that jumps by +0.25 nats or x1.25 over the mean of the previous 10
   steps and does not get back to that mean at least 100 steps before the end marks the run as
   unstable; ``spike_retries`` reruns it from the initial logits with a new seed.
+
+``dtype`` runs the model under ``torch.autocast`` (bfloat16 / float16) while the logits, their
+gradients and AdamW's state stay float32; ``distributed=True`` trains data-parallel over a
+``torch.distributed`` process group (:mod:`interp.distributed`). docs/scale.md has both.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from interp.errors import InterpError, check_number
-from interp.models.lm import resolve_device
+from interp.masks.fast import execution_path
+from interp.models.lm import autocast, dtype_name, grad_scaler, resolve_device, resolve_dtype
 from interp.numerics import no_denormals
 from interp.results import Result, bulky
 
@@ -56,6 +61,8 @@ class FitResult(Result):
             :func:`find_loss_spike`); ``spike_step`` is where.
         attempts: runs made (1 + retries used).
         seconds: wall time of all attempts.
+        dtype: the model's compute dtype (``"float32"``, or the autocast dtype).
+        world_size: processes that trained the masks together (1 without ``distributed``).
     """
 
     history: list[dict[str, float]] = bulky(list)
@@ -66,6 +73,8 @@ class FitResult(Result):
     attempts: int = 1
     seed: int = 0
     seconds: float = 0.0
+    dtype: str = "float32"
+    world_size: int = 1
 
     @property
     def final(self) -> dict[str, float]:
@@ -140,12 +149,13 @@ def _batch_stream(batches: Iterable | Callable[[int], Iterable], seed: int) -> I
 
 
 @torch.no_grad()
-def _mask_stats(maskset) -> tuple[int, int, int]:
+def _mask_stats(maskset, sync=None) -> tuple[int, int, int]:
     """(kept by the hard mask, keep probability > 0.9, in [0.1, 0.9]) over maskable weights.
 
     For continuous sparsification the keep probability is the soft mask, as in the paper;
     exact-zero weights are not counted.
-    Counts stay on the device until one final transfer.
+    Counts stay on the device until one final transfer; with ``sync`` (a
+    :class:`~interp.distributed.GradSync`) rank 0's counts decide on every rank.
     """
     kind, allowed = maskset.kind, maskset.allowed
     counts = []
@@ -157,7 +167,10 @@ def _mask_stats(maskset) -> tuple[int, int, int]:
             ((soft > 0.9) & ok).sum(),
             ((soft >= 0.1) & (soft <= 0.9) & ok).sum(),
         ]))
-    active, above, undecided = torch.stack(counts).sum(0).tolist()
+    total = torch.stack(counts).sum(0)
+    if sync is not None:
+        sync.broadcast_([total])
+    active, above, undecided = total.tolist()
     return active, above, undecided
 
 
@@ -201,11 +214,24 @@ class _Attempt:
     stopped_reason: str
 
 
+@dataclass
+class _Exec:
+    """How steps run: the autocast dtype, float16's loss scaler, the ranks' collectives."""
+
+    compute: torch.dtype = torch.float32
+    scaler: Any = None  # torch.amp.GradScaler for float16
+    sync: Any = None  # interp.distributed.GradSync when distributed
+
+
 def _run(
     model, maskset, objective: Objective, stream: Iterator, device: torch.device, *,
     lam: float, lr: float, max_steps: int, min_steps: int, accumulate: int, seed: int,
     stop_rule: bool, stop_ratio: float, check_every: int, progress: bool, desc: str,
+    ex: _Exec | None = None,
 ) -> _Attempt:
+    ex = ex or _Exec()
+    ex.scaler = grad_scaler(device, ex.compute)  # fresh per attempt
+    sync = ex.sync
     torch.manual_seed(seed)
     opt = _adamw(list(maskset.parameters()), lr=lr)
     n_weights = max(1, int(maskset.n_weights))
@@ -216,7 +242,8 @@ def _run(
     t0 = time.perf_counter()
     bar = tqdm(total=max_steps, desc=desc, disable=not progress, leave=False)
     for step in range(max_steps):
-        out = _step(model, maskset, objective, stream, device, opt, lam, n_weights, accumulate)
+        out = _step(model, maskset, objective, stream, device, opt, lam, n_weights, accumulate,
+                    ex)
         if out is None:
             reason = "data_exhausted"
             break
@@ -225,9 +252,9 @@ def _run(
         done = step + 1
         if done % check_every and done != max_steps:
             continue
-        active, above, undecided = _mask_stats(maskset)
+        active, above, undecided = _mask_stats(maskset, sync)
         _flush(history, pending, lam, n_weights, active / n_weights, undecided / n_weights,
-               time.perf_counter() - t0)
+               time.perf_counter() - t0, sync)
         bar.update(len(pending))
         pending = []
         h = history[-1]
@@ -235,18 +262,22 @@ def _run(
         if stop_rule and done >= min_steps and _decided(undecided, above, stop_ratio):
             reason = "stop_rule"
             break
-    if pending:  # data ran out between checks
-        active, _, undecided = _mask_stats(maskset)
+    if pending:  # data ran out between checks (on every rank at once: they agree per step)
+        active, _, undecided = _mask_stats(maskset, sync)
         _flush(history, pending, lam, n_weights, active / n_weights, undecided / n_weights,
-               time.perf_counter() - t0)
+               time.perf_counter() - t0, sync)
     bar.close()
     return _Attempt(history, len(history), reason)
 
 
 def _flush(history, pending, lam, n_weights, active: float, undecided: float,
-           elapsed: float) -> None:
-    """Append records for the pending steps; mask statistics are those of the latest check."""
-    values = torch.stack([v for v, _ in pending]).tolist()
+           elapsed: float, sync=None) -> None:
+    """Append records for the pending steps; mask statistics are those of the latest check.
+    With ``sync`` the losses are averaged over ranks first (the global batch's losses)."""
+    values = torch.stack([v for v, _ in pending])
+    if sync is not None:
+        sync.mean_(values)
+    values = values.tolist()
     for (task, pen), (_, temperature) in zip(values, pending):
         step = len(history) + 1
         if not (math.isfinite(task) and math.isfinite(pen)):
@@ -261,28 +292,46 @@ def _flush(history, pending, lam, n_weights, active: float, undecided: float,
         })
 
 
-def _step(model, maskset, objective, stream, device, opt, lam, n_weights, accumulate):
+def _step(model, maskset, objective, stream, device, opt, lam, n_weights, accumulate,
+          ex: _Exec | None = None):
     """One optimizer step over ``accumulate`` micro-batches.
+
+    The objective runs under autocast to ``ex.compute``; the penalty and the loss sum stay
+    float32. Distributed, the gradients are averaged over ranks before the step, and every
+    rank skips it if any rank ran out of batches.
 
     Returns the detached (mean task loss, penalty) as one tensor on the device (no sync),
     or None when the batches ran out.
     """
+    ex = ex or _Exec()
     opt.zero_grad(set_to_none=True)
     task_sum = pen = None
+    ran_out = False
     for _ in range(accumulate):
         try:
             batch = _to_device(next(stream), device)
         except StopIteration:
-            return None
+            ran_out = True
+            break
         # each masked weight once per forward, each soft mask once for forward and penalty
         with parametrize.cached(), maskset.kind.reuse():
-            task = objective(model, batch)
+            with autocast(device, ex.compute):
+                task = objective(model, batch)
             pen = maskset.penalty()
-            loss = (task + lam * pen / n_weights) / accumulate
-            loss.backward()
+            loss = (task.float() + lam * pen / n_weights) / accumulate
+            (loss if ex.scaler is None else ex.scaler.scale(loss)).backward()
         task = task.detach().float()
         task_sum = task if task_sum is None else task_sum + task
-    opt.step()
+    if ex.sync is not None:
+        if not ex.sync.average_grads(list(maskset.parameters()), ok=not ran_out):
+            return None
+    elif ran_out:
+        return None
+    if ex.scaler is None:
+        opt.step()
+    else:  # float16: unscales, skips the step on inf/nan gradients (alike on every rank)
+        ex.scaler.step(opt)
+        ex.scaler.update()
     return torch.stack([task_sum / accumulate, pen.detach().float()])
 
 
@@ -308,6 +357,9 @@ def fit_masks(
     spike_retries: int = 0,
     progress: bool = True,
     flush_denormals: bool = True,
+    dtype: str | torch.dtype | None = None,
+    distributed: bool = False,
+    path: str = "bridge",
 ) -> FitResult:
     """Train ``maskset``'s logits so the masked ``model`` minimises ``objective`` plus sparsity.
 
@@ -334,6 +386,19 @@ def fit_masks(
         flush_denormals: flush subnormal floats to zero during the fit (see
             :mod:`interp.numerics`; the caller's setting is restored). Turn off only to
             measure what it saves.
+        dtype: the model's compute dtype: ``None``/``"float32"``, ``"bfloat16"`` or
+            ``"float16"`` (GPU only; adds loss scaling). The objective runs under
+            ``torch.autocast``; mask logits, their gradients, the penalty and AdamW's state
+            stay float32, and the model's weights are not cast (restored exactly).
+        distributed: train data-parallel over the ``torch.distributed`` process group
+            (:func:`interp.distributed.init`): ``batches`` are this rank's shards
+            (:func:`interp.distributed.shard_batches`), gradients are averaged over ranks,
+            the seed and initial logits come from rank 0, and every rank ends with the same
+            masks and history. Only rank 0 shows progress and logs warnings.
+        path: ``"bridge"`` runs the objective on ``model`` (hooks fire); ``"hf"`` on the
+            hook-free wrapped module of a ``TransformerBridge`` over the same masked
+            weights, with SDPA attention (:func:`interp.masks.fast.unwrap`; its logits are
+            checked against the bridge's first). Hooks and caches of ``model`` stay intact.
     """
     for name, value in (("max_steps", max_steps), ("accumulate", accumulate),
                         ("check_every", check_every)):
@@ -344,34 +409,48 @@ def fit_masks(
     check_number("lam", lam, low=0)
     check_number("stop_ratio", stop_ratio, low=0, low_open=True)
     dev = resolve_device(model, device)
+    ex = _Exec(compute=resolve_dtype(dtype, dev))
+    if distributed:
+        from interp.distributed import GradSync
+
+        ex.sync = GradSync()
+        progress = progress and ex.sync.is_main
     if next(model.parameters()).device != dev:
         model.to(dev)
     maskset.to(dev)
+    if ex.sync is not None:  # one start on every rank: rank 0's logits and seed
+        ex.sync.broadcast_(list(maskset.parameters()))
+        seed = ex.sync.broadcast_int(seed, dev)
     # a copy of the starting logits only when a retry may need it (it costs a mask set)
     init_logits = [p.detach().clone() for p in maskset.parameters()] if spike_retries else []
     init_kind = maskset.kind.config()
     t0 = time.perf_counter()
     with _fitting(model, maskset), no_denormals(flush_denormals):
+        runner = execution_path(model, path)  # the model, or its hook-free HF module
         for attempt in range(spike_retries + 1):
             if attempt:
                 _reset(maskset, init_logits, init_kind)
             s = seed + attempt
             run = _run(
-                model, maskset, objective, _batch_stream(batches, s), dev,
+                runner, maskset, objective, _batch_stream(batches, s), dev,
                 lam=lam, lr=lr, max_steps=max_steps, min_steps=min_steps,
                 accumulate=accumulate, seed=s, stop_rule=stop_rule, stop_ratio=stop_ratio,
                 check_every=check_every, progress=progress,
-                desc="fit masks" if not attempt else f"fit masks (retry {attempt})",
+                desc="fit masks" if not attempt else f"fit masks (retry {attempt})", ex=ex,
             )
             spike = find_loss_spike([h["task_loss"] for h in run.history])
             if spike is None:
                 break
-            log.warning("task loss spiked at step %d (attempt %d of %d)", spike + 1,
-                        attempt + 1, spike_retries + 1)
+            if ex.sync is None or ex.sync.is_main:
+                log.warning("task loss spiked at step %d (attempt %d of %d)", spike + 1,
+                            attempt + 1, spike_retries + 1)
+    if ex.sync is not None:
+        ex.sync.check_same(list(maskset.parameters()))
     return FitResult(
         history=run.history, steps=run.steps, stopped_reason=run.stopped_reason,
         spike=spike is not None, spike_step=None if spike is None else spike + 1,
         attempts=attempt + 1, seed=s, seconds=time.perf_counter() - t0,
+        dtype=dtype_name(ex.compute), world_size=1 if ex.sync is None else ex.sync.world_size,
     )
 
 

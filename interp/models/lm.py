@@ -9,6 +9,8 @@ resumes from the store's last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import time
@@ -289,6 +291,105 @@ def resolve_device(model, device: str | torch.device | None = None) -> torch.dev
     return p.device if p is not None else torch.device("cpu")
 
 
+# --------------------------------------------------------------------------- precision
+
+#: Compute dtypes a training loop can run its model in (``--dtype`` on the CLI).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16",
+                  "fp16": "float16", "half": "float16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the name configs and results record)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype | None, device: str | torch.device, *, option: str = "dtype",
+) -> torch.dtype:
+    """The compute dtype of a training loop, checked against ``device``.
+
+    ``None`` and ``"float32"`` mean plain float32 (no autocast). ``"bfloat16"`` /
+    ``"float16"`` (or the torch dtypes, or ``bf16`` / ``fp16``) run the model's forward pass
+    under :func:`torch.autocast`, while trained tensors and optimizer state stay float32.
+
+    Raises:
+        ConfigError: an unknown dtype (``option`` names the argument or flag in the message),
+            float16 on a CPU (slow where it works at all, and its gradients need loss
+            scaling: use bfloat16), bfloat16 on a GPU without bfloat16 support, or a device
+            type torch cannot autocast.
+    """
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        found = dtype if dtype in DTYPES.values() else None
+        shown = dtype_name(dtype)
+    elif isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        found = DTYPES.get(_DTYPE_ALIASES.get(key, key))
+        shown = dtype
+    else:
+        found, shown = None, repr(dtype)
+    if found is None:
+        raise ConfigError(
+            f"{option} {shown!s} is not a compute dtype; use one of {', '.join(DTYPES)} "
+            f"(model compute under torch.autocast; masks and optimizer state stay float32)."
+            f"{suggest(str(shown), DTYPES)}")
+    if found is torch.float32:
+        return found
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r} is not a device: use cpu, cuda or cuda:N.") from e
+    if found is torch.float16 and dev.type == "cpu":
+        raise ConfigError(
+            f"{option} float16 needs a GPU: CPUs compute float16 slowly or not at all, and its "
+            "narrow range needs loss scaling. Use bfloat16 on a CPU, or float32.")
+    if (found is torch.bfloat16 and dev.type == "cuda" and torch.cuda.is_available()
+            and not torch.cuda.is_bf16_supported()):
+        raise ConfigError(
+            f"{option} bfloat16: this GPU ({torch.cuda.get_device_name(dev)}) has no bfloat16 "
+            "support. Use float16 (with loss scaling, done for you) or float32.")
+    if not torch.amp.is_autocast_available(dev.type):
+        raise ConfigError(f"{option} {dtype_name(found)}: torch cannot autocast on device type "
+                          f"{dev.type!r}. Use float32 there.")
+    if found is torch.bfloat16 and dev.type == "cpu":
+        _warn_slow_cpu_bf16()
+    return found
+
+
+@functools.cache
+def _warn_slow_cpu_bf16() -> None:
+    """Once per process (rank 0 only): bfloat16 is slow on CPUs without bfloat16 matmul
+    instructions."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return  # unknown: do not warn
+    if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):
+        log.warning("bfloat16 on a CPU without AVX512-BF16 or AMX: torch emulates its matmuls, "
+                    "several times slower than float32 (7.8x measured on a 2-layer model). Use "
+                    "it to check numerics; float32 is faster on this CPU.")
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; a no-op for float32."""
+    if dtype is torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def grad_scaler(device: str | torch.device, dtype: torch.dtype) -> torch.amp.GradScaler | None:
+    """A loss scaler for float16 (whose small gradients would underflow), else None."""
+    if dtype is not torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -397,6 +498,7 @@ class TrainResult(Result):
         epochs: passes over the training tokens the schedule made.
         overfit_step: first evaluation step whose validation loss rose over the best one
             before it (None while it keeps falling); a warning is logged then.
+        dtype: the compute dtype of the steps (``"float32"``, or the autocast dtype).
     """
 
     steps: int
@@ -408,6 +510,7 @@ class TrainResult(Result):
     resumed_from: int | None = None
     epochs: float = 0.0
     overfit_step: int | None = None
+    dtype: str = "float32"
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -439,6 +542,7 @@ def train_lm(
     progress: bool = True,
     stop_after: int | None = None,
     loss_fn: Callable[..., Tensor] | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; with a ``store``, checkpoint and resume from its last step.
 
@@ -448,6 +552,11 @@ def train_lm(
     simulate an interruption). ``loss_fn(model, batch) -> scalar`` replaces the next-token
     loss of the training steps (an objective, e.g. :class:`interp.distill.KDObjective`);
     validation still reports the next-token loss.
+
+    ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``; see :func:`resolve_dtype`) runs
+    forward passes, training and validation, under :func:`torch.autocast`. The weights,
+    their gradients and AdamW's state stay in the model's dtype (float32 master weights);
+    float16 adds loss scaling, whose state is checkpointed for exact resumption.
     """
     from interp.data.text import iterate_batches
 
@@ -458,6 +567,11 @@ def train_lm(
             f"The training text has {n_train} tokens, fewer than one sequence of seq_len + 1 = "
             f"{cfg.seq_len + 1}. Use a larger corpus or a shorter seq_len."
         )
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if isinstance(n_ctx, int) and cfg.seq_len > n_ctx:
+        raise ConfigError(
+            f"seq_len {cfg.seq_len} is longer than the model's context n_ctx {n_ctx}. Pass "
+            f"seq_len <= {n_ctx} or a model with a longer context.")
     epochs = cfg.epochs(n_train)
     if epochs > EPOCH_WARNING:
         log.warning(
@@ -465,19 +579,28 @@ def train_lm(
             "training tokens; expect overfitting. Use fewer steps or a larger corpus.",
             cfg.steps, cfg.batch_size, cfg.seq_len, epochs, n_train)
     device = resolve_device(model, device)
+    compute = resolve_dtype(dtype, device)
     model.to(device)
     opt = _optimizer(model, cfg)
+    scaler = grad_scaler(device, compute)
     start, history, resumed = 0, [], None
     if store is not None and store.latest_step() is not None:
         ckpt = store.load(store.latest_step(), model=model, optimizer=opt, device=device)
         start, resumed = ckpt.step, ckpt.step
         history = list(ckpt.metadata.get("history", []))
+        if scaler is not None and ckpt.metadata.get("grad_scaler"):
+            scaler.load_state_dict(ckpt.metadata["grad_scaler"])
+        stored = ckpt.metadata.get("dtype", "float32")
+        if stored != dtype_name(compute):
+            log.warning("resuming a run trained in %s with dtype %s: the steps after %d differ "
+                        "from an uninterrupted run", stored, dtype_name(compute), start)
         log.info("resuming from step %d", start)
         if start >= cfg.steps:
             return TrainResult(start, history[-1]["train_loss"] if history else float("nan"),
                                ckpt.metadata.get("val_loss", float("nan")), history,
                                resumed_from=resumed, epochs=epochs,
-                               overfit_step=_overfit_step(history))
+                               overfit_step=_overfit_step(history),
+                               dtype=dtype_name(compute))
     torch.manual_seed(cfg.seed + start)
     batches = iterate_batches(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed, start=start)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -489,15 +612,17 @@ def train_lm(
     with no_denormals():
         loss_val, val_loss, overfit = _train_steps(
             model, opt, batches, bar, cfg, val_tokens, device, store, history, overfit,
-            loss_fn)
+            loss_fn, compute, scaler)
     seconds = time.perf_counter() - t0
     model.eval()
     n = end - start
     if end == cfg.steps and math.isnan(val_loss):
-        val_loss = evaluate_loss(model, val_tokens, seq_len=cfg.seq_len,
-                                 batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+        with autocast(device, compute):
+            val_loss = evaluate_loss(model, val_tokens, seq_len=cfg.seq_len,
+                                     batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
     return TrainResult(end, loss_val, val_loss, history, seconds,
-                       n / seconds if seconds > 0 else 0.0, resumed, epochs, overfit)
+                       n / seconds if seconds > 0 else 0.0, resumed, epochs, overfit,
+                       dtype_name(compute))
 
 
 def _overfit_step(history: list[dict]) -> int | None:
@@ -514,8 +639,9 @@ def _overfit_step(history: list[dict]) -> int | None:
 
 
 def _train_steps(model, opt, batches, bar, cfg, val_tokens, device, store, history, overfit,
-                 loss_fn=None):
-    """The optimizer steps of :func:`train_lm` (``bar`` iterates over step indices)."""
+                 loss_fn=None, compute=torch.float32, scaler=None):
+    """The optimizer steps of :func:`train_lm` (``bar`` iterates over step indices);
+    forward passes under autocast to ``compute``, float16 with the loss ``scaler``."""
     loss_val, val_loss = float("nan"), float("nan")
     best_val = min((r["val_loss"] for r in history if r.get("val_loss") is not None),
                    default=math.inf)
@@ -523,17 +649,26 @@ def _train_steps(model, opt, batches, bar, cfg, val_tokens, device, store, histo
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         batch = next(batches).to(device)
-        loss = lm_loss(model(batch), batch) if loss_fn is None else loss_fn(model, batch)
+        with autocast(device, compute):
+            loss = lm_loss(model(batch), batch) if loss_fn is None else loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+        else:  # float16: scaled backward; clip the true gradients; skip steps with inf/nan
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
         loss_val = loss.item()
         done = step + 1
         record = {"step": done, "train_loss": loss_val, "lr": _lr_at(step, cfg)}
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            val_loss = evaluate_loss(model, val_tokens, seq_len=cfg.seq_len,
-                                     batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+            with autocast(device, compute):
+                val_loss = evaluate_loss(model, val_tokens, seq_len=cfg.seq_len,
+                                         batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
             record["val_loss"] = val_loss
             model.train()
             bar.set_postfix(loss=f"{loss_val:.3f}", val=f"{val_loss:.3f}")
@@ -546,7 +681,9 @@ def _train_steps(model, opt, batches, bar, cfg, val_tokens, device, store, histo
             best_val = min(best_val, val_loss)
         history.append(record)
         if store is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            store.save(model, done, optimizer=opt,
-                       metadata={"val_loss": record.get("val_loss"), "train_config": asdict(cfg),
-                                 "history": history})
+            meta = {"val_loss": record.get("val_loss"), "train_config": asdict(cfg),
+                    "history": history, "dtype": dtype_name(compute)}
+            if scaler is not None:
+                meta["grad_scaler"] = scaler.state_dict()
+            store.save(model, done, optimizer=opt, metadata=meta)
     return loss_val, val_loss, overfit

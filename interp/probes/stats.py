@@ -5,6 +5,12 @@ at the requested hook points are reduced to float64 running sums (row count, sum
 squares and cross-products ``X^T Y``) and dropped. Sums over disjoint data add, so statistics
 gathered in pieces (batches, processes, checkpoints of a run) merge exactly. Means,
 covariances and ridge maps (:func:`ridge_from_stats`) come from the sums alone.
+
+Memory is therefore flat in the number of tokens: one batch's activations at the requested
+hooks plus O(variables x d^2) sums (``tests/interp/probes/test_streaming_memory.py`` measures
+it). The forward pass stops as soon as every requested hook has fired, so the layers after
+the last one asked for, and the unembedding's ``[batch, pos, d_vocab]`` logits (the largest
+activation of an LM with a big vocabulary), are never computed.
 """
 
 from __future__ import annotations
@@ -192,6 +198,14 @@ class RidgeFit:
     def predict(self, x: Float[Tensor, "*rows d_x"]) -> Float[Tensor, "*rows d_y"]:
         return x.to(self.weight) @ self.weight + self.bias
 
+    def _repr_html_(self) -> str:
+        """A compact table in Jupyter (the weights by shape, not by value)."""
+        from interp.results import html_table
+
+        d_x, d_y = self.weight.shape
+        return html_table([("weight", f"{d_x} x {d_y}"), ("alpha", self.alpha), ("rows", self.n),
+                           ("R²", self.r2)], caption="RidgeFit")
+
 
 def ridge_from_stats(stats: StreamingStats, x: str, y: str, *, alpha: float = 1.0) -> RidgeFit:
     """Ridge regression of ``y`` on ``x`` with an unpenalised intercept (as sklearn's ``Ridge``).
@@ -239,6 +253,10 @@ def residual_hook_names(model) -> list[str]:
     return names
 
 
+class _AllHooksFired(Exception):
+    """Raised by the last requested hook to end a forward pass early."""
+
+
 @torch.no_grad()
 def iter_activations(
     model,
@@ -248,12 +266,15 @@ def iter_activations(
     device: str | torch.device | None = None,
     progress: bool = True,
     desc: str = "activations",
+    stop_early: bool = True,
 ) -> Iterator[tuple[Int[Tensor, "batch pos"], dict[str, Float[Tensor, "batch pos ..."]]]]:
     """Run ``model`` on each batch and yield ``(tokens, {hook name: activation})``.
 
     Only the requested hook points of the current batch are held (never a full cache).
     Activations are keyed by the names asked for (TransformerLens aliases such as
     ``blocks.0.hook_resid_pre`` work). With ``device``, the model and batches move there.
+    With ``stop_early`` the forward pass ends once every requested hook has fired (each
+    hook's first activation is kept): later layers and the logits are never computed.
     """
     check_hook_names(model, hook_names)
     if device is not None:
@@ -262,21 +283,29 @@ def iter_activations(
     was_training = model.training
     model.eval()
     store: dict[str, Tensor] = {}
+    wanted = list(dict.fromkeys(hook_names))
 
     def _hook_for(name: str) -> Callable:
         def hook(act: Tensor, hook) -> None:
+            if stop_early and name in store:
+                return
             store[name] = act.detach()
+            if stop_early and len(store) == len(wanted):
+                raise _AllHooksFired
 
         return hook
 
-    fwd_hooks = [(name, _hook_for(name)) for name in hook_names]
+    fwd_hooks = [(name, _hook_for(name)) for name in wanted]
     total = len(batches) if hasattr(batches, "__len__") else None
     try:
         for tokens in tqdm(batches, desc=desc, total=total, disable=not progress):
             tokens = tokens.to(device)
             store.clear()
-            with model.hooks(fwd_hooks=fwd_hooks):
-                model(tokens)
+            try:
+                with model.hooks(fwd_hooks=fwd_hooks):
+                    model(tokens)
+            except _AllHooksFired:
+                pass
             missing = set(hook_names) - set(store)
             if missing:
                 raise InterpError(f"Hooks {sorted(missing)} did not fire in the forward pass.")

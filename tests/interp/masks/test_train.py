@@ -15,14 +15,6 @@ from interp.masks.train import FitResult, find_loss_spike
 VOCAB = 299  # len(tiny_tokenizer)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops run many times faster on one thread when the cores are shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _batches(n: int = 8, batch: int = 8, pos: int = 24, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

@@ -82,3 +82,13 @@ def test_train_config_rejects_values_that_make_no_sense(field, value):
 
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value}).validate()
+
+
+def test_sequences_longer_than_the_context_are_refused_before_training(tiny_tokenizer):
+    from interp.errors import ConfigError
+    from interp.models.lm import TrainConfig, train_lm
+
+    model = build_lm("test", tiny_tokenizer, seed=0)  # n_ctx 64
+    tokens = torch.zeros(1000, dtype=torch.long)
+    with pytest.raises(ConfigError, match="seq_len 128 is longer than the model's context"):
+        train_lm(model, tokens, tokens, TrainConfig(steps=1, seq_len=128), progress=False)

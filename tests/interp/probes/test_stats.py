@@ -87,6 +87,9 @@ def test_ridge_matches_sklearn_and_closed_form():
     pred = fit.predict(x).numpy()
     assert fit.r2 == pytest.approx(
         r2_score(y.numpy(), pred, multioutput="variance_weighted"), rel=1e-9)
+    page = fit._repr_html_()  # Jupyter: a compact table, the weights by shape only
+    assert page.startswith("<table>") and "RidgeFit" in page and "5 x 3" in page
+    assert f"{fit.r2:.4g}" in page and len(page) < 1000
 
 
 def test_ridge_errors_name_what_is_missing():
