@@ -14,7 +14,7 @@ from interp.models.pixel_train import PixelTrainConfig
 SET_CHANNELS = {"patches_rgb": 3}
 
 #: Fields that do not change results: a rerun may differ in them.
-VOLATILE = frozenset({"out", "device"})
+VOLATILE = frozenset({"out", "device", "workers"})
 
 
 @dataclass
@@ -34,6 +34,9 @@ class OODStudyConfig:
     n_test: int = 1000
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "cpu"
+    #: processes training the seeds' models and the compression model side by side
+    #: (0: one per CPU core; always 1 on an accelerator)
+    workers: int = 0
     # local model (NeLLoC-style)
     horizon: int = 3
     hidden: int = 32
@@ -102,6 +105,7 @@ class OODStudyConfig:
                      "mask_steps", "mask_batch"):
             check_number(name, getattr(self, name), low=1, integer=True)
         check_number("typicality_batch", self.typicality_batch, low=2, integer=True)
+        check_number("workers", self.workers, low=0, integer=True)
         check_number("typicality_batch", self.typicality_batch, high=self.n_test)
         for lr in ("local_lr", "full_lr", "mask_lr"):
             check_number(lr, getattr(self, lr), low=0, low_open=True)

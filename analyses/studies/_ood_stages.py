@@ -20,7 +20,7 @@ from torch import Tensor
 
 from analyses import compression, layout, ood, overlap
 from analyses.studies._ood_config import OODStudyConfig
-from analyses.studies.common import ARTIFACT_FIX, read_artifact
+from analyses.studies.common import ARTIFACT_FIX, read_artifact, resolve_workers, run_parallel
 from interp.compress import QuantizedLocalModel, save_quantized
 from interp.data.images import ImageSet, builtin_images
 from interp.io import read_tensors, save_tensors, write_json
@@ -51,6 +51,7 @@ class OODContext:
     results: dict = field(default_factory=dict)
     masks: dict[str, MaskSet] = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
+    progress: bool = True
 
     @property
     def device(self) -> str:
@@ -86,7 +87,7 @@ def _train(ctx: OODContext, model, images: Tensor, val: Tensor, train_cfg, name:
     store = CheckpointStore(ctx.out / "models" / name, identity={
         **identity, "train": train_cfg.__dict__})
     train_pixel_model(model, images, val, train_cfg, store=store, device=ctx.device,
-                      desc=f"train {name}")
+                      desc=f"train {name}", progress=ctx.progress)
     model.eval()
 
 
@@ -112,10 +113,39 @@ def train_seed(ctx: OODContext, seed: int) -> tuple[LocalPixelCNN, FullPixelCNN]
     return local, full
 
 
+def _bpd_path(ctx: OODContext, seed: int) -> Path:
+    return ctx.out / "scores" / f"bpd-seed{seed}.safetensors"
+
+
+def _train_job(cfg: OODStudyConfig, out: str, in_train: ImageSet, in_test: ImageSet,
+               seed: int | None) -> None:
+    """One worker's job: a seed's two models, or (``seed`` None) the compression model."""
+    ctx = OODContext(cfg=cfg, out=Path(out), in_train=in_train, in_test=in_test,
+                     progress=False)
+    if seed is None:
+        compression_model(ctx)
+    else:
+        train_seed(ctx, seed)
+
+
 def train_models(ctx: OODContext) -> None:
-    """Per seed: train (or resume) both models, then save their bits/dim on every set."""
-    for seed in ctx.cfg.seeds:
-        path = ctx.out / "scores" / f"bpd-seed{seed}.safetensors"
+    """Per seed: train (or resume) both models, then save their bits/dim on every set.
+
+    The seeds' models and the compression model are independent jobs: with more than one
+    worker (``cfg.workers``, default one per core) they train in parallel processes first,
+    and the loop below then only loads them from their checkpoint stores.
+    """
+    cfg = ctx.cfg
+    jobs = [(_train_job, (cfg, str(ctx.out), ctx.in_train, ctx.in_test, seed))
+            for seed in cfg.seeds if not _bpd_path(ctx, seed).is_file()]
+    if not (ctx.out / "compression.json").is_file():
+        jobs.append((_train_job, (cfg, str(ctx.out), ctx.in_train, ctx.in_test, None)))
+    workers = resolve_workers(cfg.workers, len(jobs), cfg.device)
+    if workers > 1:
+        log.info("training %d model jobs in %d processes", len(jobs), workers)
+        run_parallel(jobs, workers)
+    for seed in cfg.seeds:
+        path = _bpd_path(ctx, seed)
         local, full = train_seed(ctx, seed)
         ctx.models[seed] = (local, full)
         if path.is_file():
@@ -170,24 +200,35 @@ def score_ood(ctx: OODContext) -> None:
 # --------------------------------------------------------------------------- compression
 
 
+def _compress_sets(cfg: OODStudyConfig) -> tuple[ImageSet, ImageSet]:
+    return (builtin_images(cfg.compress_data, "train", n=cfg.compress_train, seed=0),
+            builtin_images(cfg.compress_data, "test", n=cfg.compress_test, seed=0))
+
+
+def compression_model(ctx: OODContext) -> LocalPixelCNN:
+    """The local model that codes the compression set, trained on its training split (or
+    loaded from its finished checkpoint store)."""
+    cfg = ctx.cfg
+    train, test = _compress_sets(cfg)
+    torch.manual_seed(0)
+    arch = cfg.pixel_config("local", head=cfg.compress_head)
+    arch.channels = train.shape[1]
+    local = build_pixel_model(arch).to(cfg.device)
+    _train(ctx, local, train.images, test.images[:200], cfg.compress_training(),
+           "compress-local", {"data": cfg.compress_data, "n_train": cfg.compress_train,
+                              "arch": arch.to_dict()})
+    return local.cpu()
+
+
 def run_compression(ctx: OODContext) -> None:
     """A local model trained on the compression set, quantized, compared with PNG/WebP/..."""
     cfg = ctx.cfg
 
     def compute() -> dict:
-        train = builtin_images(cfg.compress_data, "train", n=cfg.compress_train, seed=0)
-        test = builtin_images(cfg.compress_data, "test", n=cfg.compress_test, seed=0)
-        torch.manual_seed(0)
-        arch = cfg.pixel_config("local", head=cfg.compress_head)
-        arch.channels = train.shape[1]
-        local = build_pixel_model(arch).to(cfg.device)
-        _train(ctx, local, train.images, test.images[:200], cfg.compress_training(),
-               "compress-local", {"data": cfg.compress_data, "n_train": cfg.compress_train,
-                                  "arch": arch.to_dict()})
-        local.cpu()
+        local = compression_model(ctx)
         save_quantized(QuantizedLocalModel.from_model(local),
                        ctx.out / "models" / "compress-quantized")
-        res = compression.compare_codecs(local, test.images)
+        res = compression.compare_codecs(local, _compress_sets(cfg)[1].images)
         return {"data": cfg.compress_data, **res.to_dict()}
     ctx.results["compression"] = _reuse_json(ctx, "compression.json", compute)
 

@@ -3,8 +3,11 @@ before any stage runs), per-stage timings, corpus + tokenizer resolution with on
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import contextlib
 import logging
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +29,53 @@ from interp.io import read_json, write_json
 from interp.results import Result, bulky
 
 log = logging.getLogger(__name__)
+
+
+def resolve_workers(workers: int, jobs: int, device: str = "cpu") -> int:
+    """How many processes run ``jobs`` independent jobs: ``workers`` if positive, else one
+    per CPU core (at most one per job); always 1 on an accelerator, where one process already
+    fills the device."""
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0 (0 = one per CPU core), got {workers}.")
+    if not str(device).startswith("cpu"):
+        return 1
+    if not workers:
+        workers = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    return max(1, min(workers, jobs))
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+
+
+def run_parallel(jobs: Sequence[tuple[Callable, tuple]], workers: int) -> list:
+    """Run independent ``(function, args)`` jobs and return their results in order.
+
+    With ``workers`` > 1 they run in that many spawned processes, each on its share of the
+    torch threads: small models gain little from a second thread but a whole core from a
+    second process, and spawned workers share no OpenMP pool. Functions must be importable
+    (module level) and their arguments picklable; a job's exception is raised here, after
+    the other running jobs finish (what they wrote to disk is kept for a rerun).
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*args) for fn, args in jobs]
+    import torch
+
+    threads = max(1, torch.get_num_threads() // workers)
+    ctx = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(threads,)) as pool:
+        pending = [pool.submit(fn, *args) for fn, args in jobs]
+        try:
+            return [f.result() for f in pending]
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
 
 
 class StageTimer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from analyses.studies.common import load_corpus_and_tokenizer
 
 
@@ -17,3 +19,28 @@ def test_a_damaged_cached_tokenizer_is_trained_again(tmp_path, small_corpus_file
     assert "damaged" in caplog.text
     assert tok_file.read_bytes() == data
     assert tok2.get_vocab() == tok.get_vocab() and (tokens2.train == tokens.train).all()
+
+
+
+def test_run_parallel_keeps_order_and_raises_a_jobs_error():
+    from analyses.studies.common import run_parallel
+
+    # builtins as jobs: the spawned workers need not import this test module
+    jobs = [(pow, (i, 2)) for i in range(5)]
+    assert run_parallel(jobs, workers=1) == [0, 1, 4, 9, 16]
+    assert run_parallel(jobs, workers=2) == [0, 1, 4, 9, 16]
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_parallel(jobs + [(int, ("x",))], workers=2)
+
+
+def test_resolve_workers():
+    from analyses.studies.common import resolve_workers
+    from interp.errors import ConfigError
+
+    assert resolve_workers(4, jobs=2) == 2
+    assert resolve_workers(1, jobs=5) == 1
+    assert resolve_workers(0, jobs=1) == 1
+    assert 1 <= resolve_workers(0, jobs=64) <= 64
+    assert resolve_workers(4, jobs=3, device="cuda") == 1
+    with pytest.raises(ConfigError, match="workers"):
+        resolve_workers(-1, jobs=2)

@@ -113,3 +113,30 @@ def test_cli_reports_config_errors_with_exit_2(tmp_path, capsys):
                  str(tmp_path / "x")])
     assert code == 2
     assert "pick two different image sets" in capsys.readouterr().err
+
+
+def test_models_trained_in_worker_processes_equal_those_trained_in_process(tmp_path):
+    """Seeds and the compression model train as parallel jobs; on one thread per process
+    the weights are bit-identical to training them one after another in this process."""
+    import torch
+
+    from analyses.studies import _ood_stages as st
+
+    runs = {}
+    for workers in (1, 2):
+        cfg = _tiny(tmp_path / f"w{workers}", seeds=(0, 1), workers=workers)
+        ctx = st.OODContext(cfg=cfg, out=tmp_path / f"w{workers}")
+        st.prepare_data(ctx)
+        with torch.random.fork_rng():
+            torch.set_num_threads(1)
+            st.train_models(ctx)
+            comp = st.compression_model(ctx)
+        runs[workers] = ({s: [m.state_dict() for m in ctx.models[s]] for s in cfg.seeds},
+                         comp.state_dict(), ctx.bpd)
+    (m1, c1, b1), (m2, c2, b2) = runs[1], runs[2]
+    for seed in (0, 1):
+        for a, b in zip(m1[seed], m2[seed]):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        assert all(torch.equal(b1[seed][k], b2[seed][k]) for k in b1[seed])
+    assert all(torch.equal(c1[k], c2[k]) for k in c1)
+    assert not torch.equal(m1[0][1]["correction.weight"], m1[1][1]["correction.weight"])
