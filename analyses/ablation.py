@@ -105,10 +105,12 @@ def plot_necessity(result: NecessityResult) -> go.Figure:
 
     labels = ["full model"] + [f"without {k}" for k in result.losses]
     values = [result.loss_full] + list(result.losses.values())
-    hover = [""] + [f"{result.n_removed.get(k, 0):,} weights removed" for k in result.losses]
-    fig = figure(title="Necessity: LM loss with a subnetwork removed",
+    hover = ["nothing removed"] + [f"{result.n_removed.get(k, 0):,} weights removed"
+                                   for k in result.losses]
+    fig = figure(title="Necessity: LM loss with a subnetwork removed", xaxis_title="network",
                  yaxis_title="loss (nats/token)", showlegend=False)
     fig.add_trace(go.Bar(x=labels, y=values, hovertext=hover,
+                         hovertemplate="%{x}: %{y:.4f} nats/token<br>%{hovertext}<extra></extra>",
                          marker_color=[color_for(x, i) for i, x in enumerate(labels)],
                          text=[f"{v:.3f}" for v in values], textposition="outside"))
     return fig

@@ -149,12 +149,14 @@ def plot_checkpoint_r(result: CheckpointsResult) -> go.Figure:
     fig = figure(title=f"Bigram sufficiency over training (λ={result.lam:g})",
                  xaxis_title="training step", yaxis_title="surprisal r vs bigram model")
     fig.add_trace(go.Scatter(x=steps, y=[e.full_r for e in result.entries], mode="lines+markers",
-                             name="full model", line=dict(color=color_for("full"))))
+                             name="full model", line=dict(color=color_for("full")),
+                             hovertemplate="step %{x}<br>r %{y:.3f}<extra>full model</extra>"))
     fig.add_trace(go.Scatter(
         x=steps, y=[e.subnetwork_r for e in result.entries], mode="lines+markers",
         name="bigram subnetwork", line=dict(color=color_for("bigram")),
         customdata=[100 * e.active_fraction for e in result.entries],
-        hovertemplate="step %{x}<br>r %{y:.3f}<br>%{customdata:.2f}% active<extra></extra>",
+        hovertemplate="step %{x}<br>r %{y:.3f}<br>%{customdata:.2f}% active"
+                      "<extra>bigram subnetwork</extra>",
     ))
     return fig
 

@@ -312,6 +312,7 @@ def plot_overlap(results: OverlapResult | Sequence[OverlapResult]) -> go.Figure:
         hovertemplate="%{x}: %{y:.3%}<extra>expected</extra>",
     ))
     fig.update_yaxes(title_text="overlap / masked weights", tickformat=".2~%", rangemode="tozero")
+    fig.update_xaxes(title_text="pair of subnetworks")
     return fig
 
 
@@ -347,9 +348,11 @@ def plot_overlap_blocks(result: OverlapResult) -> go.Figure:
     fig = figure(title=f"Overlap per block: {_pair(result)}", barmode="group", height=480,
                  width=max(600, 36 * len(names) + 200), margin={"b": 130})
     fig.add_trace(go.Bar(x=names, y=[r["overlap"] for r in result.blocks], name="observed",
-                         marker_color=color_for(result.label_b, 0)))
+                         marker_color=color_for(result.label_b, 0),
+                         hovertemplate="%{x}: %{y:,} shared weights<extra>observed</extra>"))
     fig.add_trace(go.Bar(x=names, y=[r["expected"] for r in result.blocks],
-                         name="expected (null)", **_NULL_STYLE))
+                         name="expected (null)", **_NULL_STYLE,
+                         hovertemplate="%{x}: %{y:,.1f} expected by chance<extra>null</extra>"))
     fig.update_yaxes(title_text="shared weights", rangemode="tozero")
     fig.update_xaxes(tickangle=-45, title_text="block")
     return fig

@@ -253,6 +253,11 @@ def _as_list(results: ResidualResult | Sequence[ResidualResult]) -> list[Residua
     return out
 
 
+def _layer_names(n: int) -> list[str]:
+    """Hover names of the residual positions: the embedding output, then each block's."""
+    return ["embeddings", *(f"layer {i} (after block {i - 1})" for i in range(1, n))]
+
+
 def _layer_ticks(n: int) -> dict:
     return dict(tickmode="array", tickvals=list(range(n)), ticktext=["emb", *map(str, range(1, n))])
 
@@ -266,16 +271,20 @@ def _overlay(
     for i, r in enumerate(results):
         color = color_for(r.label, i)
         x = list(range(r.n_layers))
+        names = _layer_names(r.n_layers)
         for col, (_, field, baseline) in enumerate(panels, start=1):
             fig.add_trace(go.Scatter(
                 x=x, y=getattr(r, field), mode="lines+markers", name=r.label, legendgroup=r.label,
-                showlegend=col == 1, line=dict(color=color, width=2.5),
+                showlegend=col == 1, line=dict(color=color, width=2.5), customdata=names,
+                hovertemplate=f"%{{customdata}}: %{{y:.3f}} ({y_title})<extra>{r.label}</extra>",
             ), row=1, col=col)
             if baseline:
                 fig.add_trace(go.Scatter(
                     x=x, y=getattr(r, baseline), mode="lines", name=f"{r.label} (shuffled)",
                     legendgroup=f"{r.label} (shuffled)", showlegend=col == 1,
-                    line=dict(color=color, width=1.5, dash="dot"),
+                    line=dict(color=color, width=1.5, dash="dot"), customdata=names,
+                    hovertemplate=f"%{{customdata}}: %{{y:.3f}} ({y_title})"
+                                  f"<extra>{r.label} (shuffled tokens)</extra>",
                 ), row=1, col=col)
     n = max(r.n_layers for r in results)
     fig.update_xaxes(title_text="layer (emb = embedding output)", **_layer_ticks(n))
@@ -312,14 +321,17 @@ def plot_cov_similarity(results: ResidualResult | Sequence[ResidualResult]) -> g
     for col, r in enumerate(results, start=1):
         idx = list(range(r.n_layers))
         z = np.array(r.cov_similarity, dtype=float)
+        names = _layer_names(r.n_layers)
         fig.add_trace(go.Heatmap(
             z=z, x=idx, y=idx, coloraxis="coloraxis", text=np.round(z, 2),
             texttemplate="%{text}" if r.n_layers <= 16 else None,
-            hovertemplate="layer %{y} vs %{x}: %{z:.3f}<extra></extra>",
+            customdata=[[f"{a} vs {b}" for b in names] for a in names],
+            hovertemplate="%{customdata}: %{z:.3f}<extra>" + r.label + "</extra>",
         ), row=1, col=col)
         fig.update_xaxes(**_layer_ticks(r.n_layers), row=1, col=col)
         fig.update_yaxes(autorange="reversed", **_layer_ticks(r.n_layers), row=1, col=col)
-    fig.update_xaxes(title_text="layer", showgrid=False)
+    fig.update_xaxes(title_text="layer (emb = embedding output)", showgrid=False)
+    fig.update_yaxes(title_text="layer", showgrid=False, row=1, col=1)
     fig.update_yaxes(showgrid=False)
     fig.update_layout(
         title="Covariance similarity across layers (top singular direction removed)",

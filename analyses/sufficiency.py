@@ -264,10 +264,12 @@ def plot_sufficiency(results: dict[str, SufficiencyResult]) -> go.Figure:
             x=res.sample_bigram, y=res.sample_model, mode="markers", opacity=0.35,
             marker={"size": 4, "color": color_for(label, i)},
             name=f"{label} (r = {res.surprisal_r:.3f})",
+            hovertemplate="bigram %{x:.2f} nats, network %{y:.2f} nats<extra>" + label
+                          + "</extra>",
         ))
     top = max(max(r.sample_bigram + r.sample_model) for r in results.values())
     fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="y = x",
-                             line={"color": "#6B7280", "dash": "dot"}))
+                             line={"color": "#6B7280", "dash": "dot"}, hoverinfo="skip"))
     return fig
 
 

@@ -127,10 +127,13 @@ def plot_sweep(result: SweepResult) -> go.Figure:
     fig.add_trace(go.Scatter(
         x=xs, y=ys, mode="lines+markers+text", text=[f"λ={lam_tag(e.lam)}" for e in result.entries],
         textposition="top center", name="bigram subnetworks",
+        hovertemplate="%{text}: %{x:.2f}% of masked weights active, r = %{y:.3f}<extra></extra>",
     ))
     sel = result.selected
     fig.add_trace(go.Scatter(x=[100 * sel.active_fraction], y=[sel.surprisal_r], mode="markers",
-                             marker=dict(size=16, symbol="star"), name="selected"))
+                             marker=dict(size=16, symbol="star"), name="selected",
+                             hovertemplate=f"selected: λ={lam_tag(sel.lam)}, %{{x:.2f}}% active, "
+                                           "r = %{y:.3f}<extra></extra>"))
     base = min(result.entries, key=lambda e: e.lam).surprisal_r
     fig.add_hline(y=base - result.tolerance, line_dash="dot",
                   annotation_text=f"λ=min r − {result.tolerance}")

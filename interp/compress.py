@@ -704,6 +704,17 @@ class StreamInfo:
     header_bytes: int
     payload_bytes: tuple[int, ...]
 
+    def _repr_html_(self) -> str:
+        """A compact table in Jupyter."""
+        from interp.results import html_table
+
+        rows = [("images", self.images), ("shape (C x H x W)",
+                                          f"{self.channels} x {self.height} x {self.width}"),
+                ("header bytes", self.header_bytes),
+                ("payload bytes", " + ".join(f"{b:,}" for b in self.payload_bytes)),
+                ("check", self.check), ("crc32", f"{self.crc32:08x}")]
+        return html_table(rows, caption="StreamInfo")
+
 
 def _words(payload: np.ndarray) -> bytes:
     """ANS words as little-endian bytes, without the last word's zero high bytes."""

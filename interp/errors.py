@@ -35,6 +35,11 @@ class MaskError(InterpError, ValueError):
     """A mask set does not fit a model, or a mask file is malformed or unsafe."""
 
 
+class MissingDependencyError(InterpError, ImportError):
+    """An optional package or program a feature needs is not installed (the message names
+    what to install)."""
+
+
 class HookError(InterpError, KeyError):
     """A hook point name does not exist on the model."""
 

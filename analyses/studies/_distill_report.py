@@ -142,7 +142,8 @@ def plot_students(metrics: dict) -> go.Figure:
     fig.update_xaxes(title_text="teacher epoch (dotted: LR x0.1 after it)")
     fig.update_yaxes(title_text="student test accuracy (%)", row=1, col=1)
     fig.update_yaxes(title_text="teacher test accuracy (%)", row=1, col=2)
-    fig.update_layout(height=460, width=1100, legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(title="Distillation curve: students of each teacher checkpoint",
+                      height=460, width=1100, legend=dict(orientation="h", y=-0.25))
     return fig
 
 
@@ -205,7 +206,8 @@ def plot_information(metrics: dict) -> go.Figure:
     fig.update_yaxes(title_text="nats", row=1, col=2)
     fig.update_yaxes(title_text="CKA (0-1)", row=2, col=1)
     fig.update_yaxes(title_text="normalised (grey: excluded)", row=2, col=2)
-    fig.update_layout(height=720, width=1100)
+    fig.update_layout(title="Information curves of the teacher checkpoints", height=720,
+                      width=1100)
     return fig
 
 
@@ -242,7 +244,8 @@ def plot_ensembles(metrics: dict) -> go.Figure:
                      col=1)
     fig.update_yaxes(title_text="teacher training (seconds)", row=1, col=2)
     fig.update_xaxes(title_text="teacher", tickangle=-20)
-    fig.update_layout(height=480, width=1100, showlegend=False)
+    fig.update_layout(title="Snapshot vs full ensembles as teachers", height=480, width=1100,
+                      showlegend=False)
     return fig
 
 
@@ -280,7 +283,8 @@ def plot_subnetworks(metrics: dict) -> go.Figure:
     fig.update_yaxes(title_text="active weights (% of conv + linear)", rangemode="tozero",
                      row=1, col=1)
     fig.update_yaxes(title_text="student test accuracy (%)", row=1, col=2)
-    fig.update_layout(height=440, width=1100)
+    fig.update_layout(title="Self-distillation subnetworks of teacher checkpoints",
+                      height=440, width=1100)
     return fig
 
 

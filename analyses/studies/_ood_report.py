@@ -83,7 +83,7 @@ def checks(metrics: dict) -> dict[str, dict]:
 
 def plot_bpd(metrics: dict) -> go.Figure:
     """Bits/dim of both models on both sets (mean over seeds; seeds as points)."""
-    fig = figure(title="Bits per dimension (lower = more likely)",
+    fig = figure(title="Bits per dimension (lower = more likely)", xaxis_title="test set",
                  yaxis_title="bits/dim", barmode="group")
     pair = metrics["pair"]
     for i, model in enumerate(("local", "full")):
@@ -97,7 +97,7 @@ def plot_bpd(metrics: dict) -> go.Figure:
 def plot_auroc_seeds(metrics: dict) -> go.Figure:
     """AUROC of every score, one point per seed, the mean as a bar."""
     fig = figure(title="OOD detection per score (AUROC, in-distribution = positive)",
-                 yaxis_title="AUROC", yaxis_range=[0, 1.02])
+                 xaxis_title="score", yaxis_title="AUROC", yaxis_range=[0, 1.02])
     names = list(metrics["auroc_per_seed"])
     labels = [SHORT_LABELS.get(n, n) for n in names]
     fig.add_bar(x=labels, y=[metrics["auroc"][n] for n in names], name="mean over seeds",

@@ -383,6 +383,8 @@ def test_stream_info_and_header_size(small_case):
     assert info.crc32 == zlib.crc32(x[0].numpy().tobytes())
     assert len(info.payload_bytes) == 2 * 3
     assert info.header_bytes + sum(info.payload_bytes) == len(s)
+    page = info._repr_html_()  # Jupyter: a compact table
+    assert page.startswith("<table>") and "3 x 4 x 5" in page and f"{info.crc32:08x}" in page
     gray = encode(qmodel("logistic", 1), images_of("smooth", 1, 1, 28, 28))[0]
     first = stream_info(gray).payload_bytes[0]
     assert stream_info(gray).header_bytes == 16 + (first >= 128)  # 3+1+1+1+1+varint+4+4
