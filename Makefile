@@ -29,8 +29,10 @@ ood: install
 distill: install
 	$(VENV)/bin/interp distill --out runs/distill $(ARGS)
 
+# One pytest worker per core, each test module on one worker (module fixtures built once),
+# one torch thread per worker: two processes beat two OpenMP threads on these small models.
 test: install
-	$(PY) -m pytest -q --timeout=1200
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --timeout=1200 -n auto --dist loadscope
 
 bench: install
 	$(PY) -m pip install --quiet -e ".[bench]"
