@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
+
+import torch
 
 from interp.io import atomic_write_text
 
@@ -24,3 +28,15 @@ def write_section(text: str, name: str, path: Path = RESULTS) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text
     atomic_write_text(path, new)
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU model, cores, torch version and threads (and the GPU's name on cuda)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

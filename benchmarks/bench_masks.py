@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -35,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _results import markers, write_section
+from _results import machine_info, markers, write_section
 
 from interp.masks import ContinuousSparsification, MaskSet
 from interp.masks.train import _adamw, _fitting, _mask_stats, _step
@@ -198,17 +196,6 @@ def bench_160m(tmp: Path, device: torch.device, reps: int, warmup: int, batch: t
 
 
 # --------------------------------------------------------------------------- report
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _ms(s: float) -> str:

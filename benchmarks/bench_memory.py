@@ -39,8 +39,6 @@ import argparse
 import gc
 import json
 import logging
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -49,7 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _results import markers, write_section
+from _results import machine_info, markers, write_section
 
 from analyses.residual import residual_analysis
 from interp.data.text import load_tokenizer
@@ -270,17 +268,6 @@ def bench_streaming(tok, device: torch.device, token_counts: list[int],
 
 
 # --------------------------------------------------------------------------- report
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _mb(b: int) -> str:
