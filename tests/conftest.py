@@ -248,3 +248,12 @@ def small_study(small_corpus_file):
         return BigramStudyConfig.from_recipe("mini", **{**base, **overrides})
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops run many times faster on one torch thread when the cores are shared."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -17,12 +17,7 @@ TOKENS = (2048, 8192, 32768)
 BATCH, POS = 16, 64  # 1,024 tokens per batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(model, n_tokens: int, seed: int = 0) -> list[torch.Tensor]:
