@@ -271,9 +271,9 @@ class MaskSet(nn.Module):
         )
 
     @torch.no_grad()
-    def _hard_groups(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
-        """Per group, True where all its maskable weights are kept, False where none is;
-        None if some head / neuron is partly kept."""
+    def _group_counts(self, masks: Mapping[str, Tensor]
+                      ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per group and unit (head / neuron): kept maskable weights, and maskable weights."""
         kept: dict[str, Tensor] = {}
         total: dict[str, Tensor] = {}
         al = self.allowed
@@ -282,6 +282,12 @@ class MaskSet(nn.Module):
             m = masks[name].to(ok.device) & ok
             kept[g.name] = kept.get(g.name, 0) + g.per_group(m.to(torch.int64))
             total[g.name] = total.get(g.name, 0) + g.per_group(ok.to(torch.int64))
+        return kept, total
+
+    def _hard_groups(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """Per group, True where all its maskable weights are kept, False where none is;
+        None if some head / neuron is partly kept."""
+        kept, total = self._group_counts(masks)
         if any(bool(((k != 0) & (k != total[n])).any()) for n, k in kept.items()):
             return None
         return {n: k > 0 for n, k in kept.items()}
@@ -642,13 +648,34 @@ class MaskSet(nn.Module):
         return self._from_hard(self.hard_masks())
 
     def random_like(self, seed: int = 0) -> MaskSet:
-        """A random mask set with the same number kept in every target (element level).
+        """A random mask set of the same size, placed uniformly; same seed, same result.
 
-        Kept positions are drawn uniformly among maskable weights; same seed, same result.
-        The plain-dict form is :func:`~interp.masks.sampling.random_masks`. The result is
-        elementwise also for a structured set (random weights, not random heads).
+        Elementwise targets keep as many weights as here, drawn among their maskable
+        weights (the plain-dict form is :func:`~interp.masks.sampling.random_masks`). A
+        structured set's groups keep as many heads / neurons as here, drawn among the units
+        that have a maskable weight, so the null of a structured subnetwork is a random set
+        of whole heads and neurons and the result keeps the granularity.
         """
-        return self._from_hard(random_masks(self.hard_masks(), eligible=self.allowed, seed=seed))
+        hard = self.hard_masks()
+        loose = [n for n in hard if n not in self.groups]
+        drawn = random_masks({n: hard[n] for n in loose},
+                             eligible={n: self.allowed[n] for n in loose}, seed=seed)
+        if not self.groups:
+            return self._from_hard(drawn)
+        logits = {n: _hard_logits(m) for n, m in drawn.items()}
+        kept, total = self._group_counts(hard)
+        gen = torch.Generator().manual_seed(seed)
+        for name in self.group_logits:
+            pool = (total[name] > 0).nonzero().flatten().cpu()
+            pick = pool[torch.randperm(len(pool), generator=gen)[:int((kept[name] > 0).sum())]]
+            units = torch.zeros(len(total[name]), dtype=torch.bool)
+            units[pick] = True
+            logits[name] = _hard_logits(units.to(total[name].device))
+        return MaskSet(
+            self.targets, kind_from_config(self.kind.config()), logits, self.allowed,
+            heads=self.heads, identity=self.identity, metadata=self.metadata,
+            granularity=self.granularity,
+        )
 
     # ------------------------------------------------------------------ editing
 

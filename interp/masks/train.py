@@ -462,6 +462,15 @@ def _reset(maskset, init_logits: list[Tensor], init_kind: dict) -> None:
     maskset.kind.restore(init_kind)
 
 
+def _drop_graphs(model) -> None:
+    """Detach tensors that modules kept from the last forward pass (TransformerLens attention
+    keeps its ``_pattern``): their autograd graphs would keep the mask set alive."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(module, name, value.detach())
+
+
 class _fitting:
     """Context: freeze the model, eval mode (no dropout), mask set attached in soft mode."""
 
@@ -487,6 +496,9 @@ class _fitting:
 
     def __exit__(self, *exc):
         ms, model = self.ms, self.model
+        _drop_graphs(model)
+        for p in ms.parameters():
+            p.grad = None
         _unfreeze(model, self.flags)
         model.train(self.model_training)
         ms.kind.train(self.kind_training)

@@ -319,8 +319,23 @@ def test_algebra_keeps_granularity_when_it_can(native_model):
     mixed = a & el  # partly kept heads: not representable per head
     assert mixed.granularity == "element"
     assert all(torch.equal(mixed.hard_masks()[n], A[n] & el.hard_masks()[n]) for n in A)
-    rnd = a.random_like(0)
-    assert rnd.granularity == "element" and rnd.counts() == a.counts()
+
+
+def test_random_like_draws_whole_heads_and_neurons(native_model):
+    """The null of a structured subnetwork is random whole units, as many per group."""
+    a = _randomize(MaskSet.for_model(native_model, granularity="structured"), seed=3)
+    kept = {g: lg > 0 for g, lg in a.group_logits.items()}
+    draws = [a.random_like(s) for s in (0, 0, 1)]
+    for rnd in draws:
+        assert rnd.granularity == "structured" and rnd.counts() == a.counts()
+        assert rnd._hard_groups(rnd.hard_masks()) is not None  # no head is split
+        for g, lg in rnd.group_logits.items():
+            assert int((lg > 0).sum()) == int(kept[g].sum())
+    same = all(torch.equal(draws[0].group_logits[g], draws[1].group_logits[g]) for g in kept)
+    differ = any(not torch.equal(draws[0].group_logits[g], draws[2].group_logits[g])
+                 for g in kept)
+    moved = any(not torch.equal(draws[2].group_logits[g] > 0, kept[g]) for g in kept)
+    assert same and differ and moved
 
 
 def test_edits_and_errors(native_model, conv_net):

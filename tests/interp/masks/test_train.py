@@ -89,6 +89,27 @@ def test_gradients_reach_only_mask_logits(native_model):
     assert not getattr(ms, "attached", False)
 
 
+def test_fit_keeps_no_graph_alive(gpt2):
+    """After a fit, nothing in the model holds an autograd graph, so a mask set dropped by
+    the user is freed (TransformerLens attention keeps its last pattern on the module)."""
+    import gc
+    import weakref
+
+    model = gpt2
+    batches = [torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(1))]
+    model(batches[0])  # a pattern from before the fit, without a graph
+    ms = MaskSet.for_model(model, seed=0)
+    fit_masks(model, ms, _lm_ce, batches, lam=1.0, max_steps=2, progress=False)
+    kept = [(type(m).__name__, k) for m in model.modules() for k, v in vars(m).items()
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+    assert not kept
+    assert all(p.grad is None for p in ms.parameters())
+    ref = weakref.ref(ms)
+    del ms
+    gc.collect()
+    assert ref() is None
+
+
 def test_attached_maskset_keeps_its_mode(native_model):
     ms = MaskSet.for_model(native_model, kind=ContinuousSparsification(), seed=0)
     ms.attach(native_model)
