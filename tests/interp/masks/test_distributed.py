@@ -50,6 +50,9 @@ CASES = {
                   dict(lam=50.0, lr=0.2, max_steps=60, check_every=2), 2, False),
     # one-shot streams: rank 1 has one batch fewer, so every rank ends when it runs out
     "exhausted": (ContinuousSparsification, dict(lam=1.0, lr=0.05, max_steps=50), 3, True),
+    # the hook-free HF execution path under DDP: the same all-reduce over the same logits
+    "hf_path": (ContinuousSparsification, dict(lam=1.0, lr=0.05, max_steps=4, path="hf",
+                                               stop_rule=False), 2, False),
 }
 
 
@@ -148,7 +151,7 @@ def test_two_ranks_equal_one_process(runs, case):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
         assert a["active_fraction"] == pytest.approx(b["active_fraction"], abs=1e-4)
     expect = {"continuous": ("max_steps", 7), "hard_concrete": ("max_steps", 5),
-              "exhausted": ("data_exhausted", 2)}
+              "exhausted": ("data_exhausted", 2), "hf_path": ("max_steps", 4)}
     if case in expect:
         assert (single["reason"], single["steps"]) == expect[case]
     else:  # the rule fired before the step budget ran out
