@@ -195,7 +195,8 @@ def _cmd_bigram(args) -> int:
 
 
 _OOD_FLAGS = ("in_data", "out_data", "seeds", "n_train", "hidden", "local_steps", "full_steps",
-              "compress_steps", "mask_steps", "mask_lambda", "horizon", "workers")
+              "full_lr", "full_ema", "compress_steps", "mask_steps", "mask_lambda", "horizon",
+              "workers")
 
 
 def ood_config(args):
@@ -250,6 +251,11 @@ def _add_ood_parser(sub) -> None:
                    help="channels of the local model (a multiple of the image's channels)")
     o.add_argument("--local-steps", type=_positive_int, default=None)
     o.add_argument("--full-steps", type=_positive_int, default=None)
+    o.add_argument("--full-lr", type=_positive_float, default=None,
+                   help="peak learning rate of the full model (default 3e-3)")
+    o.add_argument("--full-ema", type=_nonnegative_float, default=None,
+                   help="decay of the full model's weight average, below 1 (default 0.995; "
+                        "0: off)")
     o.add_argument("--compress-steps", type=_positive_int, default=None)
     o.add_argument("--mask-steps", type=_positive_int, default=None)
     o.add_argument("--mask-lambda", type=_nonnegative_float, default=None,

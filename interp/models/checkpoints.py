@@ -3,7 +3,8 @@
 Layout of a store directory::
 
     store.json                       # the run's identity: model config, tokenizer, training config
-    step-000250.safetensors          # model weights (+ optimizer state, prefixed "optim.")
+    step-000250.safetensors          # model weights (+ optimizer state, prefixed "optim.",
+                                     #  + an averaged copy of the weights, prefixed "average.")
     step-000250.json                 # step, validation loss, history, optimizer param groups
 
 Every file is written atomically, and the JSON sidecar is written last, so a step is listed
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"^step-(\d+)\.json$")
 _OPT_PREFIX = "optim."
+_AVG_PREFIX = "average."
 _FIX_STORE = ("Restore store.json from a backup, or delete the directory (or use another one) "
               "to start the run over.")
 
@@ -122,9 +124,17 @@ class CheckpointStore:
                 "backup.")
 
     # ------------------------------------------------------------------ save / load
-    def save(self, model, step: int, *, optimizer=None, metadata: dict | None = None) -> Path:
-        """Save the model (and optimizer) state at ``step``; returns the weights path."""
+    def save(self, model, step: int, *, optimizer=None, average=None,
+             metadata: dict | None = None) -> Path:
+        """Save the model (and optimizer) state at ``step``; returns the weights path.
+
+        ``average``: a module holding running averages of the weights (e.g. a
+        ``torch.optim.swa_utils.AveragedModel``), saved beside them so a resumed run
+        continues the same average.
+        """
         tensors = {k: v for k, v in model.state_dict().items()}
+        if average is not None:
+            tensors.update({_AVG_PREFIX + k: v for k, v in average.state_dict().items()})
         meta = {"step": step, **(metadata or {})}
         if optimizer is not None:
             opt_state = optimizer.state_dict()
@@ -140,8 +150,10 @@ class CheckpointStore:
         log.info("saved checkpoint step %d to %s", step, weights)
         return weights
 
-    def load(self, step: int | None = None, *, model=None, optimizer=None, device=None) -> Checkpoint:
-        """Load a checkpoint (latest when ``step`` is None) into ``model``/``optimizer`` if given.
+    def load(self, step: int | None = None, *, model=None, optimizer=None, average=None,
+             device=None) -> Checkpoint:
+        """Load a checkpoint (latest when ``step`` is None) into ``model``/``optimizer``/
+        ``average`` (see :meth:`save`) if given.
 
         A missing, empty, truncated or incomplete weights file or sidecar raises
         :class:`CheckpointError` naming the file.
@@ -171,9 +183,19 @@ class CheckpointStore:
                 raise CheckpointError(
                     f"Checkpoint sidecar {str(sidecar)!r} has an invalid 'rng_state' ({e}). "
                     f"{self._fix_step(step)}") from e
-        state = {k: v for k, v in tensors.items() if not k.startswith(_OPT_PREFIX)}
+        state = {k: v for k, v in tensors.items()
+                 if not k.startswith((_OPT_PREFIX, _AVG_PREFIX))}
         if model is not None:
             _load_model_state(model, state, self.root)
+        if average is not None:
+            avg = {k[len(_AVG_PREFIX):]: v for k, v in tensors.items()
+                   if k.startswith(_AVG_PREFIX)}
+            if not avg:
+                raise CheckpointError(
+                    f"Checkpoint step {step} in {str(self.root)!r} holds no averaged weights: "
+                    "it was saved by a run without weight averaging. Train with the same "
+                    "settings as the run that wrote it, or use another directory.")
+            _load_model_state(average, avg, self.root)
         if optimizer is not None:
             _load_optimizer_state(optimizer, tensors, meta)
         if rng is not None:

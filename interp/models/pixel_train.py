@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from jaxtyping import Float, UInt8
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from interp.errors import ConfigError, DataError, check_number
@@ -25,7 +26,10 @@ class PixelTrainConfig:
     """Adam with a one-cycle schedule (or a constant rate), random horizontal flips.
 
     Batches are a deterministic function of ``(seed, step)``, so a run resumed from its
-    checkpoint store ends with the same weights as an uninterrupted one.
+    checkpoint store ends with the same weights as an uninterrupted one. ``ema_decay`` > 0
+    keeps an exponential moving average of the weights (Polyak averaging, with which
+    PixelCNN++ is evaluated) and ends training with the averaged weights: it damps the
+    last steps' gradient noise, which otherwise decides how a model extrapolates.
     """
 
     steps: int = 1000
@@ -35,6 +39,7 @@ class PixelTrainConfig:
     warmup_fraction: float = 0.25
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    ema_decay: float = 0.0
     flip: bool = True
     seed: int = 0
     eval_every: int = 250
@@ -48,6 +53,7 @@ class PixelTrainConfig:
         check_number("warmup_fraction", self.warmup_fraction, low=0, high=1, high_open=True)
         check_number("weight_decay", self.weight_decay, low=0)
         check_number("grad_clip", self.grad_clip, low=0, low_open=True)
+        check_number("ema_decay", self.ema_decay, low=0, high=1, high_open=True)
         if self.schedule not in ("onecycle", "constant"):
             raise ConfigError(f"schedule={self.schedule!r}: use 'onecycle' or 'constant'.")
         return self
@@ -102,6 +108,12 @@ def batch_at(images: UInt8[Tensor, "n c h w"], step: int, cfg: PixelTrainConfig
 
 
 @torch.no_grad()
+def _copy_weights(src, dst) -> None:
+    for a, b in zip(src.parameters(), dst.parameters(), strict=True):
+        b.copy_(a)
+
+
+@torch.no_grad()
 def evaluate_bpd(model, images: UInt8[Tensor, "n c h w"], *, batch_size: int = 256,
                  device: str | torch.device | None = None) -> Float[Tensor, " n"]:
     """Per-image bits per subpixel (on the CPU), in batches, in eval mode."""
@@ -141,9 +153,12 @@ def train_pixel_model(
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+               if cfg.ema_decay else None)
     start, history, resumed = 0, [], None
     if store is not None and store.latest_step() is not None:
-        ckpt = store.load(store.latest_step(), model=model, optimizer=opt, device=dev)
+        ckpt = store.load(store.latest_step(), model=model, optimizer=opt, average=average,
+                          device=dev)
         start = resumed = ckpt.step
         history = list(ckpt.metadata.get("history", []))
         log.info("resuming pixel training from step %d", start)
@@ -163,11 +178,15 @@ def train_pixel_model(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            done = step + 1
+            if average is not None:
+                average.update_parameters(model)
+                if done == cfg.steps:  # the run ends with the averaged weights
+                    _copy_weights(average.module, model)
             loss_val = loss.item()
             if not math.isfinite(loss_val):
                 raise DataError(f"Training diverged at step {step + 1} (loss {loss_val}). "
                                 "Lower the learning rate (lr) or the gradient clip.")
-            done = step + 1
             record = {"step": done, "train_bpd": loss_val, "lr": cfg.lr_at(step)}
             if val is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
                 val_bpd = float(evaluate_bpd(model, val, device=dev).mean())
@@ -176,7 +195,7 @@ def train_pixel_model(
                 bar.set_postfix(bpd=f"{loss_val:.3f}", val=f"{val_bpd:.3f}")
             history.append(record)
             if store is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                store.save(model, done, optimizer=opt,
+                store.save(model, done, optimizer=opt, average=average,
                            metadata={"val_bpd": record.get("val_bpd"),
                                      "train_config": asdict(cfg), "history": history})
     seconds = time.perf_counter() - t0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
-from interp.errors import ConfigError, DataError
+from interp.errors import CheckpointError, ConfigError, DataError
 from interp.models.checkpoints import CheckpointStore
 from interp.models.pixel import (
     FullPixelCNN,
@@ -175,6 +176,51 @@ def test_training_lowers_bpd_and_resumes_identically(tmp_path):
     assert r2.resumed_from == 4
     for (n, p), q in zip(a.state_dict().items(), b2.state_dict().values()):
         assert torch.equal(p, q), n
+
+
+def test_weight_averaging_ends_with_the_ema_and_resumes_identically(tmp_path):
+    """ema_decay: the model ends with the exponential moving average of its trajectory
+    (computed here by hand from the raw weights after every step), and a run interrupted
+    mid-way resumes the same average."""
+    imgs, decay = _images(), 0.8
+    cfg = PixelTrainConfig(steps=6, batch_size=8, lr=1e-2, checkpoint_every=2)
+
+    def build():
+        torch.manual_seed(0)
+        return LocalPixelCNN(PixelConfig(hidden=8, horizon=1, head="logistic", mixtures=2))
+
+    raw, trajectory = build(), []
+    store = CheckpointStore(tmp_path / "raw", identity={"x": 1})
+    for _ in range(cfg.steps):  # one step per call: the raw weights after every step
+        train_pixel_model(raw, imgs, None, dataclasses.replace(cfg, checkpoint_every=1),
+                          store=store, progress=False, stop_after=1)
+        trajectory.append({n: p.detach().clone() for n, p in raw.named_parameters()})
+    expected = dict(trajectory[0])
+    for w in trajectory[1:]:
+        expected = {n: decay * expected[n] + (1 - decay) * w[n] for n in w}
+
+    ema_cfg = dataclasses.replace(cfg, ema_decay=decay)
+    a = build()
+    train_pixel_model(a, imgs, None, ema_cfg, progress=False)
+    for n, p in a.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p.detach(), trajectory[-1][n]), n  # not the raw weights
+
+    store = CheckpointStore(tmp_path / "ema", identity={"x": 2})
+    b = build()
+    train_pixel_model(b, imgs, None, ema_cfg, store=store, progress=False, stop_after=3)
+    b2 = build()
+    assert train_pixel_model(b2, imgs, None, ema_cfg, store=store,
+                             progress=False).resumed_from == 2
+    for (n, p), q in zip(a.state_dict().items(), b2.state_dict().values()):
+        assert torch.equal(p, q), n
+    b3 = build()  # resuming the finished run changes nothing
+    train_pixel_model(b3, imgs, None, ema_cfg, store=store, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),
+                                                 b3.state_dict().values()))
+    with pytest.raises(CheckpointError, match="holds no averaged weights"):
+        store_raw = CheckpointStore(tmp_path / "raw")
+        store_raw.load(model=build(), average=torch.optim.swa_utils.AveragedModel(build()))
 
 
 def test_training_rejects_bad_images(unchecked):
