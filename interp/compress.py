@@ -146,6 +146,7 @@ class _Tables:
     exp: np.ndarray  # E[d] = floor(2^24 exp(-d / 2^10)), d = 0..DMAX (E[DMAX] = 0)
     sig: np.ndarray  # round(2^30 sigmoid(k / 2^10 - 32)), k = 0..65536
     sig_slope: np.ndarray  # sig[k + 1] - sig[k] (0 at the end)
+    sig_packed: np.ndarray  # sig_slope << 32 | sig: both in one gather
     inv_s: np.ndarray  # round(2^32 exp(-k / 2^10) / 255), k = -7*2^10..7*2^10 (offset)
     digest: bytes
 
@@ -178,7 +179,10 @@ def _tables() -> _Tables:
         t[n].flags.writeable = False
     slope = np.append(np.diff(t["sig"]), 0)
     slope.flags.writeable = False
-    return _Tables(t["exp"], t["sig"], slope, t["inv_s"], h.digest())
+    assert int(slope.max()) <= 1 << 18 and int(t["sig"].max()) <= 1 << _CDF_BITS
+    packed = (slope << 32) | t["sig"]
+    packed.flags.writeable = False
+    return _Tables(t["exp"], t["sig"], slope, packed, t["inv_s"], h.digest())
 
 
 # The integer PMF stage works on NumPy int64 arrays: exact, the same on every thread count,
@@ -210,30 +214,34 @@ def _cumulative(params: np.ndarray, v: np.ndarray, head: str, mixtures: int) -> 
         else:
             cum = np.take_along_axis(r.cumsum(1), np.maximum(v - 1, 0), 1)
         return np.where(v > 0, cum, 0) * BASE_TOTAL // s    # < 2^61
+    # components outermost ([K, M, E]): the mixture's sum adds K contiguous arrays
     k = mixtures
-    pi = _exp_weights(params[:, :k], tab)                   # [M, K], <= 2^24
+    pi = _exp_weights(params[:, :k], tab).T[:, :, None]    # [K, M, 1], <= 2^24
     mu_max = _MU_MAX << OUT_FRAC
-    mu255 = 255 * np.minimum(np.maximum(params[:, k:2 * k], -mu_max), mu_max)
+    mu255 = 255 * np.clip(params[:, k:2 * k], -mu_max, mu_max).T[:, :, None]
     ls = params[:, 2 * k:] >> (OUT_FRAC - _E_FRAC)
-    ls = np.minimum(np.maximum(ls, _LOG_S_MIN << _E_FRAC, out=ls), _LOG_S_MAX << _E_FRAC, out=ls)
-    inv_s = tab.inv_s.take(ls - (_LOG_S_MIN << _E_FRAC))   # [M, K], <= 2^34.1
+    np.clip(ls, _LOG_S_MIN << _E_FRAC, _LOG_S_MAX << _E_FRAC, out=ls)
+    inv_s = tab.inv_s.take(ls - (_LOG_S_MIN << _E_FRAC)).T[:, :, None]  # [K, M, 1], <= 2^34.1
     # bin edges in units of 1/255 (a = 2x - 255 space): value x spans (2x-256, 2x-254]
-    edge = ((2 * v - 256) << OUT_FRAC)[..., None]           # [M or 1, E, 1]
-    u = (edge - mu255[:, None, :]) * inv_s[:, None, :]      # |edge - mu| < 2^26.3: < 2^60.4
+    edge = (2 * v - 256) << OUT_FRAC                        # [M, E] or [E]
+    u = np.subtract(edge, mu255)                            # [K, M, E], |.| < 2^26.3
+    u *= inv_s                                              # < 2^60.4
     u >>= OUT_FRAC + _IS_BITS - _U_FRAC
     lim = _SIG_RANGE << _U_FRAC
-    np.minimum(np.maximum(u, -lim, out=u), lim - 1, out=u)
+    np.clip(u, -lim, lim - 1, out=u)
     shift = _U_FRAC - _SIG_STEP
     idx = u >> shift
     idx += _SIG_RANGE << _SIG_STEP
-    u &= (1 << shift) - 1                                   # the fraction
-    cdf = tab.sig_slope.take(idx)
-    cdf *= u
+    u &= (1 << shift) - 1                                   # the fraction, < 2^10
+    # one gather of (slope << 32 | sig); slope <= 2^18, so slope * fraction < 2^28
+    packed = tab.sig_packed.take(idx)
+    cdf = (packed >> 32) * u
     cdf >>= shift
-    cdf += tab.sig.take(idx)                                # [M, E, K], <= 2^30
-    cdf *= pi[:, None, :]
-    pi_sum = pi.sum(1, keepdims=True)
-    mix = cdf.sum(2) >> _CDF_BITS                           # <= sum(pi) <= K 2^24
+    packed &= 0xFFFFFFFF
+    cdf += packed                                           # [K, M, E], <= 2^30
+    cdf *= pi
+    pi_sum = pi.sum(0)                                      # [M, 1]
+    mix = cdf.sum(0) >> _CDF_BITS                           # <= sum(pi) <= K 2^24
     # CDF 0 below value 0 and full above 255, whatever the components say
     mix = np.where(v == 0, 0, np.where(v == 256, pi_sum, mix))
     u0 = _UNIFORM_FLOOR
@@ -257,21 +265,35 @@ def _fine(wc: np.ndarray, lo: np.ndarray, hi: np.ndarray, j: np.ndarray) -> np.n
 
 _COARSE_V = np.arange(0, 257, BUCKET, dtype=np.int64)
 _FINE_J = np.arange(BUCKET + 1, dtype=np.int64)
+_INNER_J = _FINE_J[1:-1]
 
 
 @no_type_check
-def _coarse_weights(params: np.ndarray, head: str, mixtures: int) -> np.ndarray:
-    """Bucket-stage weights ``[M, 16]`` (sum STAGE_TOTAL)."""
-    c = _coarse(_cumulative(params, _COARSE_V, head, mixtures))
-    return c[:, 1:] - c[:, :-1]
+def _coarse_weights(params: np.ndarray, head: str, mixtures: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Bucket-stage weights ``[M, 16]`` (sum STAGE_TOTAL), and ``Wcum`` at the bucket
+    bounds ``[M, 17]`` for :func:`_fine_weights`. ``Wcum(0)`` and ``Wcum(256)`` are
+    constants, so only the 15 inner bounds are computed."""
+    inner = _cumulative(params, _COARSE_V[1:-1], head, mixtures)
+    wc = np.zeros((inner.shape[0], _COARSE_V.size), dtype=np.int64)
+    wc[:, 1:-1] = inner
+    wc[:, -1] = BASE_TOTAL
+    c = _coarse(wc)
+    return c[:, 1:] - c[:, :-1], wc
 
 
 @no_type_check
-def _fine_weights(params: np.ndarray, bucket: np.ndarray, head: str, mixtures: int
-                  ) -> np.ndarray:
-    """Within-bucket weights ``[M, 16]`` (sum STAGE_TOTAL) for the decoded buckets ``[M]``."""
-    wc = _cumulative(params, bucket[:, None] * BUCKET + _FINE_J, head, mixtures)
-    f = _fine(wc, wc[:, :1], wc[:, -1:], _FINE_J)
+def _fine_weights(params: np.ndarray, bucket: np.ndarray, bounds: np.ndarray, head: str,
+                  mixtures: int) -> np.ndarray:
+    """Within-bucket weights ``[M, 16]`` (sum STAGE_TOTAL) for the decoded buckets ``[M]``;
+    ``bounds``: ``Wcum`` at the bucket bounds from :func:`_coarse_weights` (the buckets'
+    ends are taken from there, only the 15 inner points are computed)."""
+    rows = np.arange(bucket.size)
+    lo, hi = bounds[rows, bucket][:, None], bounds[rows, bucket + 1][:, None]
+    wc = np.empty((bucket.size, BUCKET + 1), dtype=np.int64)
+    wc[:, 0], wc[:, -1] = lo[:, 0], hi[:, 0]
+    wc[:, 1:-1] = _cumulative(params, bucket[:, None] * BUCKET + _INNER_J, head, mixtures)
+    f = _fine(wc, lo, hi, _FINE_J)
     return f[:, 1:] - f[:, :-1]
 
 
@@ -959,10 +981,11 @@ def _decode_steps(q: QuantizedLocalModel, coders: list[list], B: int, H: int, W:
         idx = patch_idx[start:stop]
         for c in range(C):
             params = q._tail(a[:, idx].reshape(B * k, q.fan_in), c, patches=True).numpy()
-            bucket = _pop(coders[2 * c], _coarse_weights(params, q.head, q.mixtures), B, k,
-                          label)
+            weights, bounds = _coarse_weights(params, q.head, q.mixtures)
+            bucket = _pop(coders[2 * c], weights, B, k, label)
             offset = _pop(coders[2 * c + 1],
-                          _fine_weights(params, bucket, q.head, q.mixtures), B, k, label)
+                          _fine_weights(params, bucket, bounds, q.head, q.mixtures), B, k,
+                          label)
             value = torch.from_numpy((bucket * BUCKET + offset) * 2 - 255).reshape(B, k)
             a[:, own_idx[c, start:stop]] = value.to(torch.float64)
     img = a.reshape(B, C, Hp, Wp)[:, :, h:, h:h + W]
