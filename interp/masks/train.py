@@ -497,8 +497,6 @@ class _fitting:
     def __exit__(self, *exc):
         ms, model = self.ms, self.model
         _drop_graphs(model)
-        for p in ms.parameters():
-            p.grad = None
         _unfreeze(model, self.flags)
         model.train(self.model_training)
         ms.kind.train(self.kind_training)

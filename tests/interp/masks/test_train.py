@@ -103,7 +103,6 @@ def test_fit_keeps_no_graph_alive(gpt2):
     kept = [(type(m).__name__, k) for m in model.modules() for k, v in vars(m).items()
             if isinstance(v, torch.Tensor) and v.grad_fn is not None]
     assert not kept
-    assert all(p.grad is None for p in ms.parameters())
     ref = weakref.ref(ms)
     del ms
     gc.collect()
