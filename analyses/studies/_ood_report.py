@@ -171,7 +171,9 @@ def write_report(ctx: OODContext, metrics: dict) -> Path:
         "pixels up and sideways, "
         + ("the whole causal past of these images" if metrics["full_model"]["whole_causal_past"]
            else "NOT the whole causal past of these images") + "); "
-        "it starts as the local model plus a zero correction and is then trained as a whole, so "
+        "it starts as the local model plus a zero correction and is then trained as a whole"
+        + (f", ending with the moving average of its weights (decay {cfg.full_ema})"
+           if cfg.full_ema else "") + ", so "
         "log p_full − log p_local is what training with the non-local past gained over the "
         "local model (Zhang et al. 2021's non-local score). The questions: does the "
         "likelihood's out-of-distribution failure live in the local part, does the non-local "
