@@ -115,9 +115,9 @@ def masked_step(model, tokens: torch.Tensor, device: torch.device):
     return step, (lambda: _mask_stats(ms)), ms, ctx
 
 
-def neurosurgeon_step(hf_model, tokens: torch.Tensor, device: torch.device):
-    """The paper's trainer loop body on a NeuroSurgeon CircuitModel (continuous sparsification)."""
-    from NeuroSurgeon.Models.circuit_model import CircuitModel
+def neurosurgeon_config(hf_model, lam: float = LAM):
+    """NeuroSurgeon's CircuitConfig for continuous sparsification on every 2-D layer weight
+    of ``hf_model``, and the names of those layers."""
     from NeuroSurgeon.Models.model_configs import CircuitConfig
 
     targets = [n.rsplit(".", 1)[0] for n, p in hf_model.named_parameters()
@@ -126,8 +126,16 @@ def neurosurgeon_step(hf_model, tokens: torch.Tensor, device: torch.device):
         mask_method="continuous_sparsification",
         mask_hparams={"ablation": "none", "mask_unit": "weight", "mask_bias": False,
                       "mask_init_value": 0.0},
-        target_layers=targets, freeze_base=True, add_l0=False, l0_lambda=LAM,
+        target_layers=targets, freeze_base=True, add_l0=False, l0_lambda=lam,
     )
+    return cfg, targets
+
+
+def neurosurgeon_step(hf_model, tokens: torch.Tensor, device: torch.device):
+    """The paper's trainer loop body on a NeuroSurgeon CircuitModel (continuous sparsification)."""
+    from NeuroSurgeon.Models.circuit_model import CircuitModel
+
+    cfg, targets = neurosurgeon_config(hf_model)
     circuit = CircuitModel(cfg, hf_model).to(device)
     params = [p for p in circuit.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)

@@ -238,8 +238,8 @@ def neurosurgeon_available() -> str | None:
 
 def case_neurosurgeon(env: dict) -> Callable[[], tuple[float, float | None]]:
     """NeuroSurgeon's CircuitModel (continuous sparsification on every 2-D layer weight)."""
+    from bench_masks import neurosurgeon_config
     from NeuroSurgeon.Models.circuit_model import CircuitModel
-    from NeuroSurgeon.Models.model_configs import CircuitConfig
     from transformers import AutoModelForCausalLM
 
     device, dtype, tokens = env["device"], env["dtype"], env["tokens"]
@@ -247,14 +247,7 @@ def case_neurosurgeon(env: dict) -> Callable[[], tuple[float, float | None]]:
     def run():
         model = AutoModelForCausalLM.from_pretrained(env["path"], attn_implementation="sdpa")
         model.to(device)
-        targets = [n.rsplit(".", 1)[0] for n, p in model.named_parameters()
-                   if ".layers." in n and n.endswith(".weight") and p.ndim == 2]
-        cfg = CircuitConfig(
-            mask_method="continuous_sparsification",
-            mask_hparams={"ablation": "none", "mask_unit": "weight", "mask_bias": False,
-                          "mask_init_value": 0.0},
-            target_layers=targets, freeze_base=True, add_l0=False, l0_lambda=LAM,
-        )
+        cfg, targets = neurosurgeon_config(model, LAM)
         with _Memory(device) as mem:
             circuit = CircuitModel(cfg, model).to(device)
             params = [p for p in circuit.parameters() if p.requires_grad]

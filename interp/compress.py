@@ -145,8 +145,7 @@ def _family():
 class _Tables:
     exp: np.ndarray  # E[d] = floor(2^24 exp(-d / 2^10)), d = 0..DMAX (E[DMAX] = 0)
     sig: np.ndarray  # round(2^30 sigmoid(k / 2^10 - 32)), k = 0..65536
-    sig_slope: np.ndarray  # sig[k + 1] - sig[k] (0 at the end)
-    sig_packed: np.ndarray  # sig_slope << 32 | sig: both in one gather
+    sig_packed: np.ndarray  # (sig[k + 1] - sig[k], 0 at the end) << 32 | sig[k]: one gather
     inv_s: np.ndarray  # round(2^32 exp(-k / 2^10) / 255), k = -7*2^10..7*2^10 (offset)
     digest: bytes
 
@@ -178,11 +177,10 @@ def _tables() -> _Tables:
         h.update(t[n].astype("<i8").tobytes())
         t[n].flags.writeable = False
     slope = np.append(np.diff(t["sig"]), 0)
-    slope.flags.writeable = False
     assert int(slope.max()) <= 1 << 18 and int(t["sig"].max()) <= 1 << _CDF_BITS
     packed = (slope << 32) | t["sig"]
     packed.flags.writeable = False
-    return _Tables(t["exp"], t["sig"], slope, packed, t["inv_s"], h.digest())
+    return _Tables(t["exp"], t["sig"], packed, t["inv_s"], h.digest())
 
 
 # The integer PMF stage works on NumPy int64 arrays: exact, the same on every thread count,
